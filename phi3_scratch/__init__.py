@@ -1,0 +1,16 @@
+"""phi3_scratch: Microsoft's Phi-3 decoder (Phi3ForCausalLM), written from scratch in PyTorch.
+
+    import phi3_scratch as p3
+    model = p3.Phi3ForCausalLM.from_pretrained("microsoft/Phi-3-mini-4k-instruct")
+    out = p3.generate(model, input_ids, max_new_tokens=200)
+
+Read in this order: config.py, rotary.py, model.py, cache.py, generation.py, loading.py.
+"""
+
+from .cache import KVCache
+from .config import Phi3Config
+from .errors import Phi3Error
+from .generation import generate, stream_tokens
+from .model import Phi3ForCausalLM, Phi3Model
+
+__all__ = ["KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM", "Phi3Model", "generate", "stream_tokens"]

@@ -1,0 +1,196 @@
+"""Phi3Config: the numbers that fix a Phi-3 model's shape, read from a checkpoint's config.json.
+
+Two on-disk formats exist and both are read here:
+
+- official (what Microsoft publishes): top-level `rope_theta`, `rope_scaling` (null, or
+  {"type": "longrope" | "su", "short_factor": [...], "long_factor": [...]}) and, for Phi-4-mini,
+  top-level `partial_rotary_factor`;
+- transformers 5 (what `save_pretrained` writes today): `rope_parameters` holding `rope_type`,
+  `rope_theta`, `partial_rotary_factor` and the factor lists.
+
+Stop tokens come from generation_config.json when the folder has one (Phi-3 stops at
+<|endoftext|>, <|assistant|> and <|end|>), else from config.json's `eos_token_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Phi3Error
+
+ROPE_TYPES = ("default", "longrope")
+ROPE_ALIASES = {"su": "longrope"}  # older 128k checkpoints say "su"
+
+
+@dataclass
+class Phi3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    original_max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "longrope"
+    rope_short_factor: list[float] | None = None  # longrope only: rotary_dim // 2 numbers each
+    rope_long_factor: list[float] | None = None
+    rope_attention_factor: float | None = None  # longrope: None means sqrt(1 + ln s / ln original)
+    rope_factor: float | None = None  # longrope: s; None means max / original_max positions
+    partial_rotary_factor: float = 1.0  # the fraction of each head that is rotated
+    sliding_window: int | None = None  # each query sees this many keys, itself included
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 32000
+    pad_token_id: int | None = 32000
+    stop_token_ids: list[int] = field(default_factory=list)  # what generate() stops at
+    source: str = "<in memory>"  # the file this config was read from, for error messages
+
+    def __post_init__(self):
+        self.rope_type = ROPE_ALIASES.get(self.rope_type, self.rope_type)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading channels of each head get rotated (all of them unless partial rotary)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head: 1 is plain multi-head attention, more is GQA."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def longrope_attention_factor(self) -> float:
+        """LongRoPE's scale on cos and sin: sqrt(1 + ln(s) / ln(original_max)), s = max / original."""
+        if self.rope_attention_factor is not None:
+            return self.rope_attention_factor
+        s = self.rope_factor or self.max_position_embeddings / self.original_max_position_embeddings
+        if s <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(s) / math.log(self.original_max_position_embeddings))
+
+    def validate(self) -> None:
+        where = f"config {self.source}"
+        if self.rope_type not in ROPE_TYPES:
+            raise Phi3Error(
+                f"{where}: unknown rope type {self.rope_type!r}; expected one of "
+                f"{list(ROPE_TYPES)} (or the alias 'su' for longrope)"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise Phi3Error(
+                f"{where}: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise Phi3Error(
+                f"{where}: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise Phi3Error(
+                f"{where}: partial_rotary_factor {self.partial_rotary_factor} gives rotary_dim "
+                f"{self.rotary_dim}; expected an even number in 2..head_dim={self.head_dim}"
+            )
+        if self.rope_type == "longrope":
+            for name in ("rope_short_factor", "rope_long_factor"):
+                factors = getattr(self, name)
+                if factors is None or len(factors) != self.rotary_dim // 2:
+                    raise Phi3Error(
+                        f"{where}: longrope {name.removeprefix('rope_')} must have rotary_dim / 2 = "
+                        f"{self.rotary_dim // 2} numbers, got "
+                        f"{'none' if factors is None else len(factors)}"
+                    )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise Phi3Error(f"{where}: sliding_window must be null or >= 1, got {self.sliding_window}")
+
+    # ----------------------------------------------------------------------------- reading
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "Phi3Config":
+        """Build a config from the contents of config.json, in either on-disk format."""
+        model_type = d.get("model_type")
+        architectures = d.get("architectures") or []
+        if model_type != "phi3" or (architectures and "Phi3ForCausalLM" not in architectures):
+            raise Phi3Error(
+                f"config {source}: expected model_type 'phi3' with architecture Phi3ForCausalLM, "
+                f"got model_type {model_type!r} and architectures {architectures}"
+            )
+        if d.get("hidden_act", "silu") != "silu":
+            raise Phi3Error(f"config {source}: expected hidden_act 'silu', got {d['hidden_act']!r}")
+
+        # transformers 5 nests the rope settings in rope_parameters; the official format keeps
+        # rope_theta at the top and puts the longrope factors in rope_scaling (null for default).
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        try:
+            return cls(
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                max_position_embeddings=d["max_position_embeddings"],
+                original_max_position_embeddings=(
+                    rope.get("original_max_position_embeddings")
+                    or d.get("original_max_position_embeddings")
+                    or d["max_position_embeddings"]
+                ),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+                rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+                rope_type=rope_type,
+                rope_short_factor=rope.get("short_factor"),
+                rope_long_factor=rope.get("long_factor"),
+                rope_attention_factor=rope.get("attention_factor"),
+                rope_factor=rope.get("factor"),
+                partial_rotary_factor=rope.get(
+                    "partial_rotary_factor", d.get("partial_rotary_factor", 1.0)
+                ),
+                sliding_window=d.get("sliding_window"),
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=d.get("eos_token_id"),
+                pad_token_id=d.get("pad_token_id"),
+                stop_token_ids=_as_id_list(d.get("eos_token_id")),
+                source=source,
+            )
+        except KeyError as e:
+            raise Phi3Error(f"config {source}: required field {e.args[0]!r} is missing") from None
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "Phi3Config":
+        """Read `folder/config.json`, and the stop ids of `folder/generation_config.json` if present."""
+        folder = Path(folder)
+        path = folder / "config.json"
+        config = cls.from_dict(_read_json(path), source=str(path))
+        gen_path = folder / "generation_config.json"
+        if gen_path.is_file():
+            stop_ids = _as_id_list(_read_json(gen_path).get("eos_token_id"))
+            if stop_ids:
+                config.stop_token_ids = stop_ids
+        return config
+
+
+def _as_id_list(ids: int | list[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise Phi3Error(f"{path} not found: a Phi-3 checkpoint folder must contain config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise Phi3Error(f"{path} is not valid JSON: {e}") from None

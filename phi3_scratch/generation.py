@@ -1,0 +1,95 @@
+"""Greedy generation: repeatedly append the most likely next token.
+
+    prefill:  logits = model(prompt)                 one pass over the whole prompt
+    decode:   token  = argmax(logits[:, -1])         the last position predicts the next token
+              logits = model(token, cache)           one new position, earlier k/v from the cache
+
+`stream_tokens` is the loop itself, yielding each new token as soon as it is chosen (set a
+breakpoint inside it to watch the cache fill); `generate` collects what it yields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .errors import Phi3Error
+from .model import Phi3ForCausalLM, check_input_ids
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model: Phi3ForCausalLM,
+    input_ids: torch.Tensor,  # (B, T), left-padded when rows differ in length
+    max_new_tokens: int = 200,
+    use_cache: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,  # (B, T): 1 real token, 0 padding
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), one step at a time.
+
+    eos_token_id: the stop ids. None means the model's (generation_config.json, else config.json);
+    [] never stops early. A row that has stopped gets the pad id until every row has stopped.
+    """
+    config = model.config
+    B, T = check_input_ids(input_ids, config.vocab_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if T + max_new_tokens > config.max_position_embeddings:
+        raise Phi3Error(
+            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} positions, "
+            f"more than the model's max_position_embeddings {config.max_position_embeddings}"
+        )
+    if attention_mask is not None:
+        if attention_mask.shape != (B, T):
+            raise Phi3Error(f"attention_mask must have the shape of input_ids {(B, T)}, got {tuple(attention_mask.shape)}")
+        if not bool(attention_mask[:, -1].all()):
+            raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
+    stop_ids = config.stop_token_ids if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+
+    seq, mask = input_ids.long(), attention_mask  # (B, T) each, growing by one column a step
+    cache = model.new_cache(B, max_len=T + max_new_tokens) if use_cache else None
+    logits = model(seq, cache, mask)  # (B, T, V): prefill
+    finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,)
+    for step in range(max_new_tokens):
+        token = logits[:, -1].float().argmax(-1)  # (B,): greedy; the first index wins a tie
+        token = token.masked_fill(finished, pad_id)  # rows that stopped only pad
+        yield token
+        finished |= torch.isin(token, stops)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            return
+        seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        if cache is None:
+            logits = model(seq, None, mask)  # the whole sequence again
+        elif _crosses_longrope_switch(config, cache, seq.shape[1]):
+            # The cached keys were rotated with the short factors. Now that the sequence is longer
+            # than the original context, every key must use the long factors: start over with one
+            # forward over the whole sequence, as transformers' generate does.
+            cache.reset()
+            logits = model(seq, cache, mask)
+        else:
+            logits = model(token[:, None], cache, mask)  # (B, 1, V): one new position
+
+
+def _crosses_longrope_switch(config, cache, seq_len: int) -> bool:
+    original = config.original_max_position_embeddings
+    return config.rope_type == "longrope" and cache.length <= original < seq_len
+
+
+def generate(
+    model: Phi3ForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 200,
+    use_cache: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy decoding. Returns the prompt followed by the new tokens, (B, T + new), new <= max_new_tokens."""
+    new = list(stream_tokens(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask))
+    return torch.cat([input_ids.long(), torch.stack(new, dim=1)], dim=1)

@@ -1,0 +1,198 @@
+"""Loading a checkpoint: from a folder or a Hugging Face repo id, straight onto the device.
+
+The steps, and why:
+1. Find the folder. A local path is used as it is; otherwise the name is a Hugging Face repo id,
+   and huggingface-hub downloads only the files this project reads (config, generation config,
+   safetensors, tokenizer), into its usual cache.
+2. Read config.json (both on-disk formats, see config.py).
+3. Build the model on the "meta" device: every parameter has a shape and a dtype but no storage,
+   so building a 14B model costs no memory at all.
+4. Open each safetensors file memory-mapped, and for each tensor: check its name and shape
+   against the model, move it to the target device and dtype, and put it in place. The only
+   copy that ever exists is the final one (on the CPU with an unchanged dtype, the parameter even
+   stays a view of the mapped file).
+
+Only safetensors are read. They hold raw numbers and a JSON header: loading one cannot run code,
+unlike the pickle files (`pytorch_model.bin`) that older checkpoints ship, which are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import Phi3Config
+from .errors import Phi3Error
+
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+]
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
+    """A local folder as it is, or the local snapshot of a Hugging Face repo (downloaded if needed)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo_id)
+    if path.exists():
+        raise Phi3Error(f"{name} is a file; expected a checkpoint folder (with config.json) or a repo id")
+    if not REPO_ID.match(name):
+        raise Phi3Error(f"checkpoint folder {name} not found (and it is not a Hugging Face repo id like 'org/name')")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise Phi3Error(
+            f"{repo_id!r} is neither a local folder nor a Hugging Face repo that can be read "
+            "(check the name, or log in with `hf auth login` for a gated repo)"
+        ) from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise Phi3Error(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): no "
+            "network, or offline mode, and no complete copy in the local cache. Download it on a "
+            "machine with a network (`hf download " + repo_id + "`) and pass the local folder "
+            "instead, e.g. from_pretrained('/path/to/" + repo_id.split("/")[-1] + "')"
+        ) from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Phi3Error(f"device {device!r} is not a torch device; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Phi3Error(
+            f"device {str(device)!r} was asked for, but this machine has no CUDA GPU that torch can use "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device='cpu'"
+        )
+    return device
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """None means the checkpoint's own dtype (bf16 for Phi-3) on a GPU and float32 on the CPU."""
+    if dtype is None:
+        return checkpoint_dtype if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise Phi3Error(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)} or a torch float dtype")
+
+
+def weight_files(folder: Path) -> dict[str, list[str]]:
+    """Map each safetensors file of the checkpoint to the tensor names the index says it holds."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise Phi3Error(f"{index} is not a safetensors index (expected a 'weight_map'): {e}") from None
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
+        for file in files:
+            if not (folder / file).is_file():
+                raise Phi3Error(f"shard {folder / file} is named in {index} but is missing")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return {"model.safetensors": []}  # names come from the file itself
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise Phi3Error(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}). phi3_scratch loads safetensors "
+            "only, because unpickling a checkpoint can run arbitrary code. Convert it once in a trusted "
+            "environment (load it with transformers, then save_pretrained(..., safe_serialization=True))"
+        )
+    raise Phi3Error(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise Phi3Error(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _checkpoint_dtype(folder: Path, files: dict[str, list[str]]) -> torch.dtype:
+    first = folder / next(iter(files))
+    with _open(first) as f:
+        names = list(f.keys())
+        if not names:
+            return torch.float32
+        code = f.get_slice(names[0]).get_dtype()
+    if code not in SAFETENSORS_DTYPES:
+        raise Phi3Error(f"{first}: tensor {names[0]} has dtype {code}; expected one of {sorted(SAFETENSORS_DTYPES)}")
+    return SAFETENSORS_DTYPES[code]
+
+
+def load_model(cls, path_or_repo_id, device="cpu", dtype=None) -> nn.Module:
+    device = resolve_device(device)
+    folder = resolve_checkpoint(path_or_repo_id)
+    config = Phi3Config.from_pretrained(folder)
+    files = weight_files(folder)
+    dtype = resolve_dtype(dtype, device, _checkpoint_dtype(folder, files))
+
+    with torch.device("meta"):
+        model = cls(config)  # shapes only, no storage
+    expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
+    loaded: set[str] = set()
+    for file in files:
+        path = folder / file
+        with _open(path) as f:
+            for name in f.keys():
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # some exports store the tied head too; the embedding is used
+                if name not in expected:
+                    raise Phi3Error(f"{path}: unexpected tensor {name!r}, which a Phi-3 model with this config does not have")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[name]):
+                    raise Phi3Error(
+                        f"{path}: tensor {name!r} has shape {shape}, but config.json implies {tuple(expected[name])}"
+                    )
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
+                _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise Phi3Error(f"checkpoint {folder} is missing {len(missing)} tensor(s): {shown}")
+
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config, device=device)  # computed, not loaded
+    return model.eval()
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
