@@ -1,0 +1,98 @@
+"""Measure how much memory loading a checkpoint takes, against the size of its weights.
+
+    python scripts/load_memory.py make DIR [--dtype bfloat16]   # a random ~270 MB Phi-3-shaped checkpoint
+    python scripts/load_memory.py measure DIR [--naive]         # one JSON line
+
+`measure` resets the process's peak-RSS counter (/proc/self/clear_refs), loads the checkpoint onto
+the CPU in float32, runs one forward pass, and reports the peak resident memory gained (anonymous
+memory plus mapped file pages), in bytes and as a multiple of the float32 weights. With --naive it loads the usual way instead (allocate
+the model, then copy a loaded state dict into it), which holds two copies at its peak.
+Linux only: it reads /proc/self/status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import phi3_scratch as p3
+
+SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
+             original_max_position_embeddings=256)
+
+
+def make(folder: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
+              "rope_scaling": None, "sliding_window": None, "tie_word_embeddings": False, **SHAPE}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in p3.Phi3ForCausalLM(p3.Phi3Config.from_dict(config)).named_parameters()}
+    weight_map, shard, size = {}, {}, 0
+    for i, (name, shape) in enumerate(names.items()):
+        shard[name] = (torch.randn(shape) * 0.02).to(dtype)
+        if len(shard) == len(names) // 2 or i == len(names) - 1:  # two shards
+            file = f"model-{len(set(weight_map.values())) + 1:05d}-of-00002.safetensors"
+            save_file(shard, folder / file)
+            weight_map.update({n: file for n in shard})
+            size += sum(t.numel() * t.element_size() for t in shard.values())
+            shard = {}
+    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(folder: Path, naive: bool) -> dict:
+    # Building a model on the meta device first imports ~70 MB of torch's Python code. That is paid
+    # once per process whatever the model's size, so it is done before the measurement starts.
+    with torch.device("meta"):
+        p3.Phi3ForCausalLM(p3.Phi3Config.from_dict({**json.loads((folder / "config.json").read_text()), "num_hidden_layers": 1}))
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = _status("VmRSS")
+    if naive:
+        from safetensors.torch import load_file
+
+        model = p3.Phi3ForCausalLM(p3.Phi3Config.from_pretrained(folder)).eval()  # allocates every weight
+        for file in sorted(folder.glob("*.safetensors")):
+            model.load_state_dict(load_file(file), strict=False)  # then copies the loaded ones in
+    else:
+        model = p3.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        model(torch.randint(0, SHAPE["vocab_size"], (1, 8)))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    files = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    peak = _status("VmHWM") - before
+    return {"loader": "naive" if naive else "phi3_scratch", "weights_bytes": weights, "checkpoint_bytes": files,
+            "peak_rss_growth_bytes": peak, "peak_over_weights": round(peak / weights, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    mk = sub.add_parser("make")
+    mk.add_argument("folder", type=Path)
+    mk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ms = sub.add_parser("measure")
+    ms.add_argument("folder", type=Path)
+    ms.add_argument("--naive", action="store_true")
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.folder, getattr(torch, args.dtype))
+    else:
+        print(json.dumps(measure(args.folder, args.naive)))
+
+
+if __name__ == "__main__":
+    main()

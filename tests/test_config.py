@@ -1,0 +1,79 @@
+"""Phi3Config reads the six published configs (official format) and transformers 5's format."""
+
+import dataclasses
+import json
+
+import pytest
+
+import phi3_scratch as p3
+
+from .conftest import CONFIGS, FAMILY, needs_fixture, real_config
+
+pytestmark = needs_fixture(CONFIGS)
+
+# name: (head_dim, kv_groups, rope_type, rotary_dim, sliding_window, tied)
+EXPECTED = {
+    "Phi-3-mini-4k-instruct": (96, 1, "default", 96, 2047, False),
+    "Phi-3-mini-128k-instruct": (96, 1, "longrope", 96, 262144, False),
+    "Phi-3-medium-4k-instruct": (128, 4, "default", 128, 2047, False),
+    "Phi-3.5-mini-instruct": (96, 1, "longrope", 96, 262144, False),
+    "Phi-4-mini-instruct": (128, 3, "longrope", 96, 262144, True),
+    "phi-4": (128, 4, "default", 128, None, False),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_published_configs_load(name):
+    config = p3.Phi3Config.from_pretrained(CONFIGS / name)
+    got = (config.head_dim, config.kv_groups, config.rope_type, config.rotary_dim, config.sliding_window,
+           config.tie_word_embeddings)
+    assert got == EXPECTED[name]
+    if (CONFIGS / name / "generation_config.json").exists():
+        assert config.stop_token_ids == [32000, 32001, 32007]
+    else:
+        assert config.stop_token_ids == [real_config(name)["eos_token_id"]]
+    if name == "phi-4":
+        assert config.rope_theta == 250000.0
+
+
+def official_to_transformers5(d: dict) -> dict:
+    d = dict(d)
+    scaling = d.pop("rope_scaling") or {}
+    rope = {"rope_type": scaling.get("type", "default"), "rope_theta": d.pop("rope_theta"),
+            "partial_rotary_factor": d.pop("partial_rotary_factor", 1.0)}
+    if scaling:
+        rope.update(short_factor=scaling["short_factor"], long_factor=scaling["long_factor"],
+                    original_max_position_embeddings=d["original_max_position_embeddings"])
+    d["rope_parameters"] = rope
+    return d
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_both_on_disk_formats_give_the_same_config(name):
+    official = p3.Phi3Config.from_dict(real_config(name))
+    newer = p3.Phi3Config.from_dict(official_to_transformers5(real_config(name)))
+    assert dataclasses.replace(newer, source="") == dataclasses.replace(official, source="")
+
+
+def test_su_is_an_alias_of_longrope():
+    d = real_config("Phi-3-mini-128k-instruct")
+    d["rope_scaling"]["type"] = "su"
+    assert p3.Phi3Config.from_dict(d).rope_type == "longrope"
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    d = real_config("Phi-3-mini-128k-instruct")
+    with pytest.raises(p3.Phi3Error, match=r"unknown rope type 'dynamic'; expected one of \['default', 'longrope'\]"):
+        p3.Phi3Config.from_dict({**d, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(p3.Phi3Error, match=r"expected model_type 'phi3' .* got model_type 'llama' and architectures \['LlamaForCausalLM'\]"):
+        p3.Phi3Config.from_dict({**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    short = {**d, "rope_scaling": {**d["rope_scaling"], "short_factor": [1.0] * 47}}
+    with pytest.raises(p3.Phi3Error, match="short_factor must have rotary_dim / 2 = 48 numbers, got 47"):
+        p3.Phi3Config.from_dict(short)
+    missing = {k: v for k, v in d.items() if k != "hidden_size"}
+    (tmp_path / "config.json").write_text(json.dumps(missing))
+    with pytest.raises(p3.Phi3Error, match=f"config {tmp_path / 'config.json'}: required field 'hidden_size' is missing"):
+        p3.Phi3Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(p3.Phi3Error, match="config.json is not valid JSON"):
+        p3.Phi3Config.from_pretrained(tmp_path)

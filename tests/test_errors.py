@@ -1,0 +1,189 @@
+"""Bad input: every mistake gets a Phi3Error that names what is wrong, expected and actual."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import phi3_scratch as p3
+
+from .conftest import CONFIGS, needs_fixture
+
+pytestmark = needs_fixture(CONFIGS)
+
+
+@pytest.fixture
+def folder(checkpoints, tmp_path):
+    """A private copy of a sharded tiny checkpoint, safe to damage."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(checkpoints("Phi-3-mini-4k-instruct")[0], dst)
+    return dst
+
+
+@pytest.fixture
+def single_file(folder, tmp_path):
+    """The same weights in one model.safetensors."""
+    dst = tmp_path / "single"
+    dst.mkdir()
+    shutil.copy(folder / "config.json", dst)
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def shards(folder):
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def test_missing_folder():
+    with pytest.raises(p3.Phi3Error, match="checkpoint folder /no/such/folder not found"):
+        p3.Phi3ForCausalLM.from_pretrained("/no/such/folder")
+
+
+def test_missing_config_json(folder):
+    (folder / "config.json").unlink()
+    with pytest.raises(p3.Phi3Error, match=f"{folder / 'config.json'} not found: a Phi-3 checkpoint folder must contain config.json"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_config_of_another_architecture(folder):
+    d = json.loads((folder / "config.json").read_text())
+    d.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(p3.Phi3Error, match="expected model_type 'phi3'.*got model_type 'llama'"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_unknown_rope_type(folder):
+    d = json.loads((folder / "config.json").read_text())
+    d["rope_parameters"]["rope_type"] = "yarn2"
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(p3.Phi3Error, match="unknown rope type 'yarn2'"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_shard_named_in_index_but_missing(folder):
+    gone = shards(folder)[1]
+    gone.unlink()
+    with pytest.raises(p3.Phi3Error, match=f"shard {gone} is named in .*model.safetensors.index.json but is missing"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_truncated_safetensors(folder):
+    shard = shards(folder)[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(p3.Phi3Error, match=f"{shard} is not a readable safetensors file"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_corrupt_safetensors(folder):
+    shard = shards(folder)[-1]
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}!!" + bytes(100))
+    with pytest.raises(p3.Phi3Error, match=f"{shard} is not a readable safetensors file"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_tensor_shape_disagrees_with_config(folder):
+    d = json.loads((folder / "config.json").read_text())
+    d["intermediate_size"] = 100  # the checkpoint's MLP is 96 wide
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(p3.Phi3Error, match=r"tensor 'model.layers.0.mlp.\w+_proj.weight' has shape \((192, 64|64, 96)\), but config.json implies \((200, 64|64, 100)\)"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_missing_tensors(single_file):
+    tensors = load_file(single_file / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, single_file / "model.safetensors")
+    with pytest.raises(p3.Phi3Error, match="is missing 1 tensor\\(s\\): model.norm.weight"):
+        p3.Phi3ForCausalLM.from_pretrained(single_file)
+
+
+def test_unexpected_tensor(single_file):
+    tensors = load_file(single_file / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary.inv_freq"] = torch.ones(8)
+    save_file(tensors, single_file / "model.safetensors")
+    with pytest.raises(p3.Phi3Error, match="unexpected tensor 'model.layers.0.self_attn.rotary.inv_freq'"):
+        p3.Phi3ForCausalLM.from_pretrained(single_file)
+
+
+def test_single_file_checkpoint_loads(single_file, checkpoints):
+    ids = torch.randint(0, 256, (1, 9))
+    sharded = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])
+    assert torch.equal(p3.Phi3ForCausalLM.from_pretrained(single_file)(ids), sharded(ids))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, folder):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(p3.Phi3Error, match=r"holds only pickle weights \(pytorch_model.bin\).*safetensors only, because unpickling"):
+        p3.Phi3ForCausalLM.from_pretrained(pickled)
+
+
+def test_token_ids_outside_the_vocabulary(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])
+    with pytest.raises(p3.Phi3Error, match=r"token id 256 is outside the vocabulary: expected ids in 0..255"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(p3.Phi3Error, match=r"token id -1 is outside the vocabulary"):
+        p3.generate(model, torch.tensor([[-1, 5]]), 3)
+    with pytest.raises(p3.Phi3Error, match=r"input_ids must be a 2-D LongTensor \(batch, tokens\), got \(3,\)"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(p3.Phi3Error, match="must hold integer token ids, got dtype torch.float32"):
+        model(torch.tensor([[1.0, 2.0]]))
+
+
+def test_empty_prompt(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])
+    with pytest.raises(p3.Phi3Error, match=r"input_ids is empty: shape \(1, 0\)"):
+        p3.generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
+
+
+def test_prompt_plus_new_tokens_longer_than_the_model_or_cache(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])  # 64 positions
+    with pytest.raises(p3.Phi3Error, match="prompt of 60 tokens \\+ max_new_tokens=5 = 65 positions, more than the model's max_position_embeddings 64"):
+        p3.generate(model, torch.ones(1, 60, dtype=torch.long), 5)
+    with pytest.raises(p3.Phi3Error, match="sequence of 65 positions .* longer than the model's max_position_embeddings 64"):
+        model(torch.ones(1, 65, dtype=torch.long))
+    with pytest.raises(p3.Phi3Error, match="max_new_tokens must be a positive integer, got 0"):
+        p3.generate(model, torch.ones(1, 3, dtype=torch.long), 0)
+    with pytest.raises(p3.Phi3Error, match="pad on the left, not the right"):
+        p3.generate(model, torch.ones(2, 3, dtype=torch.long), 2, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU, so asking for one is no mistake")
+def test_cuda_without_a_gpu(folder):
+    with pytest.raises(p3.Phi3Error, match="device 'cuda' was asked for, but this machine has no CUDA GPU"):
+        p3.Phi3ForCausalLM.from_pretrained(folder, device="cuda")
+
+
+def test_bad_device_and_dtype(folder):
+    with pytest.raises(p3.Phi3Error, match="device 'gpu0' is not a torch device"):
+        p3.Phi3ForCausalLM.from_pretrained(folder, device="gpu0")
+    with pytest.raises(p3.Phi3Error, match="dtype 'float8' is not supported"):
+        p3.Phi3ForCausalLM.from_pretrained(folder, dtype="float8")
+
+
+def test_repo_id_while_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(p3.Phi3Error, match=r"could not download 'microsoft/Phi-3-mini-4k-instruct'.*pass the local folder instead"):
+        p3.Phi3ForCausalLM.from_pretrained("microsoft/Phi-3-mini-4k-instruct")
+
+
+def test_dtype_choice(folder):
+    assert p3.Phi3ForCausalLM.from_pretrained(folder).lm_head.weight.dtype == torch.float32  # CPU default
+    model = p3.Phi3ForCausalLM.from_pretrained(folder, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.new_cache(1, max_len=4).keys[0].dtype == torch.bfloat16
+    assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16

@@ -1,0 +1,130 @@
+"""Greedy generation: same tokens as transformers' generate, with and without the cache."""
+
+import shutil
+
+import pytest
+import torch
+
+import phi3_scratch as p3
+
+from .conftest import CONFIGS, FAMILY, FIXTURES, SMALL_ORIGINAL_MAX, needs_fixture
+
+STORIES = FIXTURES / "stories260K-phi3"
+
+
+def hf_generate(hf, ids, new, eos, mask=None):
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                           max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0)
+
+
+@needs_fixture(CONFIGS)
+@pytest.mark.parametrize("name", FAMILY)
+def test_greedy_tokens_match_transformers_with_and_without_cache(checkpoints, name):
+    folder, hf = checkpoints(name)
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 256, (1, 6))
+    expected = hf_generate(hf, ids, 24, eos=[])
+    assert torch.equal(p3.generate(model, ids, 24, use_cache=True, eos_token_id=[]), expected)
+    assert torch.equal(p3.generate(model, ids, 24, use_cache=False, eos_token_id=[]), expected)
+
+
+@needs_fixture(CONFIGS)
+@pytest.mark.parametrize("name", ["Phi-3-mini-4k-instruct", "Phi-3-medium-4k-instruct", "Phi-4-mini-instruct"])
+def test_left_padded_batch_gives_each_row_its_own_tokens(checkpoints, name):
+    folder, hf = checkpoints(name)
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,)) for n in (9, 4, 13)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    batch = p3.generate(model, ids, 15, eos_token_id=[], attention_mask=mask)
+    for row, p in enumerate(prompts):
+        alone = p3.generate(model, p[None], 15, eos_token_id=[])
+        assert torch.equal(batch[row, width:], alone[0, len(p):]), f"row {row} differs from its own run"
+    assert torch.equal(batch, hf_generate(hf, ids, 15, eos=[], mask=mask))
+    assert torch.equal(p3.generate(model, ids, 15, use_cache=False, eos_token_id=[], attention_mask=mask), batch)
+
+
+@needs_fixture(CONFIGS)
+@pytest.mark.parametrize("name", ["Phi-3-mini-128k-instruct", "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"])
+def test_longrope_generation_across_the_switch_matches_transformers(checkpoints, name):
+    """The prompt fits in original_max; generation grows past it and the cache is recomputed."""
+    folder, hf = checkpoints(name)
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    torch.manual_seed(5)
+    ids = torch.randint(3, 256, (1, SMALL_ORIGINAL_MAX - 4))
+    expected = hf_generate(hf, ids, 12, eos=[])
+    assert torch.equal(p3.generate(model, ids, 12, eos_token_id=[]), expected)
+    assert torch.equal(p3.generate(model, ids, 12, use_cache=False, eos_token_id=[]), expected)
+
+
+@needs_fixture(CONFIGS)
+def test_longrope_switch_needs_cache_recompute(checkpoints):
+    """Why generate() drops the cache at the switch: keys cached with the short factors are stale."""
+    folder, _ = checkpoints("Phi-3-mini-128k-instruct")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (1, SMALL_ORIGINAL_MAX + 1))
+    with torch.no_grad():
+        full = model(ids)[0, -1]  # the whole sequence at once: long factors everywhere
+        cache = model.new_cache(1, max_len=64)
+        model(ids[:, :-1], cache)  # 32 positions: short factors
+        stale = model(ids[:, -1:], cache)[0, -1]  # position 32 with long factors, keys with short
+        cache.reset()
+        fresh = model(ids, cache)[0, -1]  # what generate() does at the switch
+    assert (stale - full).abs().max() > 1e-2
+    assert (fresh - full).abs().max() < 1e-5
+
+
+@needs_fixture(CONFIGS)
+def test_stop_tokens_end_generation(checkpoints):
+    folder, hf = checkpoints("Phi-3-mini-4k-instruct")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (1, 5))
+    free = p3.generate(model, ids, 20, eos_token_id=[])  # [] disables stopping
+    assert free.shape == (1, 25)
+    stop = int(free[0, 5 + 6])  # make the 7th new token a stop token
+    first = (free[0, 5:] == stop).nonzero()[0].item()
+    stopped = p3.generate(model, ids, 20, eos_token_id=[123, stop])
+    assert stopped.shape == (1, 5 + first + 1) and int(stopped[0, -1]) == stop
+    assert torch.equal(stopped, hf_generate(hf, ids, 20, eos=[123, stop]))
+
+
+@needs_fixture(CONFIGS)
+def test_stop_tokens_default_to_generation_config(checkpoints, tmp_path):
+    """Phi-3 stops at <|endoftext|>, <|assistant|> and <|end|> (generation_config.json), not just eos."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoints("Phi-3-mini-4k-instruct", "official")[0], folder)
+    (folder / "generation_config.json").write_text('{"eos_token_id": [32000, 32001, 32007]}')
+    assert p3.Phi3ForCausalLM.from_pretrained(folder).config.stop_token_ids == [32000, 32001, 32007]
+    (folder / "generation_config.json").unlink()
+    assert p3.Phi3ForCausalLM.from_pretrained(folder).config.stop_token_ids == [2]  # config.json's eos
+
+
+@needs_fixture(CONFIGS)
+def test_streaming_yields_each_token_as_it_is_chosen(checkpoints):
+    folder, _ = checkpoints("phi-4")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (2, 4))
+    stream = p3.stream_tokens(model, ids, 10, eos_token_id=[])
+    first = next(stream)
+    assert first.shape == (2,)
+    rest = list(stream)
+    assert torch.equal(torch.stack([first, *rest], 1), p3.generate(model, ids, 10, eos_token_id=[])[:, 4:])
+
+
+@needs_fixture(STORIES)
+def test_stories260k_decodes_200_tokens_the_same_with_and_without_cache():
+    model = p3.Phi3ForCausalLM.from_pretrained(STORIES)
+    bos = torch.tensor([[1]])
+    with_cache = p3.generate(model, bos, 200, eos_token_id=[])
+    assert with_cache.shape == (1, 201)
+    assert torch.equal(p3.generate(model, bos, 200, use_cache=False, eos_token_id=[]), with_cache)
+    import transformers
+
+    hf = transformers.Phi3ForCausalLM.from_pretrained(STORIES, attn_implementation="eager").eval()
+    assert torch.equal(hf_generate(hf, bos, 200, eos=[]), with_cache)
