@@ -30,6 +30,25 @@ SMALL_WINDOW = 8
 SMALL_ORIGINAL_MAX = 32
 
 
+# Two made-up configs that need no fixture, so that a machine without ../shared still checks the
+# core: one with a sliding window (like Phi-3-mini-4k), one with LongRoPE + GQA + partial rotary +
+# tied embeddings (like Phi-4-mini, with invented factor curves).
+_TINY = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=256, hidden_size=64,
+             intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+             rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5, tie_word_embeddings=False,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+INLINE = {
+    "tiny-window": {**_TINY, "max_position_embeddings": 64, "original_max_position_embeddings": 64,
+                    "sliding_window": SMALL_WINDOW},
+    "tiny-longrope": {**_TINY, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
+                      "partial_rotary_factor": 0.75, "tie_word_embeddings": True, "sliding_window": None,
+                      "max_position_embeddings": 4 * SMALL_ORIGINAL_MAX,
+                      "original_max_position_embeddings": SMALL_ORIGINAL_MAX,
+                      "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0, 1.1, 1.3, 1.6, 2.0],
+                                       "long_factor": [1.0, 1.5, 3.0, 8.0, 20.0, 40.0]}},
+}
+
+
 def needs_fixture(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"fixture {path} is absent (it ships in the dev workspace's shared/fixtures)")
 
@@ -40,6 +59,8 @@ def real_config(name: str) -> dict:
 
 def scaled_config(name: str) -> dict:
     """The real config of `name`, shrunk to a CPU-sized model with the same peculiarities."""
+    if name in INLINE:
+        return dict(INLINE[name])
     real = real_config(name)
     ratio = real["num_attention_heads"] // real["num_key_value_heads"]
     kv_heads = 2 if ratio > 1 else 4
@@ -135,3 +156,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("phi3_scratch figures")
         for line in _REPORT:
             terminalreporter.write_line(line)
+
+
+def model_params(*names: str) -> list:
+    """pytest parameters for model names: the fixture-derived ones skip when the fixtures are absent."""
+    return [pytest.param(n, marks=() if n in INLINE else needs_fixture(CONFIGS)) for n in names]

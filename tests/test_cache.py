@@ -5,21 +5,23 @@ import torch
 
 import phi3_scratch as p3
 
-from .conftest import CONFIGS, needs_fixture
-
-pytestmark = needs_fixture(CONFIGS)
+from .conftest import model_params
 
 
-@pytest.mark.parametrize(
-    "name, prefill, total",
-    [
-        ("Phi-3-mini-4k-instruct", 3, 30),  # decoding runs past the sliding window of 8
-        ("Phi-3-medium-4k-instruct", 5, 30),  # GQA
-        ("Phi-4-mini-instruct", 34, 45),  # partial rotary, tied head; prefill already past the LongRoPE switch
-        ("phi-4", 1, 20),
-    ],
-)
-def test_cached_decoding_equals_full_forward_at_every_position(checkpoints, name, prefill, total):
+# name: (prefill length, total length)
+CASES = {
+    "tiny-window": (3, 30),  # decoding runs past the sliding window of 8
+    "tiny-longrope": (33, 40),  # prefill already past the LongRoPE switch
+    "Phi-3-mini-4k-instruct": (3, 30),
+    "Phi-3-medium-4k-instruct": (5, 30),  # GQA
+    "Phi-4-mini-instruct": (34, 45),  # partial rotary, tied head, LongRoPE
+    "phi-4": (1, 20),
+}
+
+
+@pytest.mark.parametrize("name", model_params(*CASES))
+def test_cached_decoding_equals_full_forward_at_every_position(checkpoints, name):
+    prefill, total = CASES[name]
     folder, _ = checkpoints(name)
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ids = torch.randint(0, 256, (2, total))
@@ -34,7 +36,7 @@ def test_cached_decoding_equals_full_forward_at_every_position(checkpoints, name
 
 
 def test_cache_is_preallocated_and_readable(checkpoints):
-    folder, _ = checkpoints("Phi-3-medium-4k-instruct")
+    folder, _ = checkpoints("tiny-longrope")  # 6 query heads over 2 kv heads
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     c = model.config
     cache = model.new_cache(3, max_len=16)
@@ -52,7 +54,7 @@ def test_cache_is_preallocated_and_readable(checkpoints):
 
 
 def test_cache_overflow_is_a_clear_error(checkpoints):
-    folder, _ = checkpoints("phi-4")
+    folder, _ = checkpoints("tiny-window")
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     cache = model.new_cache(1, max_len=8)
     model(torch.randint(0, 256, (1, 6)), cache)

@@ -9,16 +9,13 @@ from safetensors.torch import load_file, save_file
 
 import phi3_scratch as p3
 
-from .conftest import CONFIGS, needs_fixture
-
-pytestmark = needs_fixture(CONFIGS)
 
 
 @pytest.fixture
 def folder(checkpoints, tmp_path):
     """A private copy of a sharded tiny checkpoint, safe to damage."""
     dst = tmp_path / "ckpt"
-    shutil.copytree(checkpoints("Phi-3-mini-4k-instruct")[0], dst)
+    shutil.copytree(checkpoints("tiny-window")[0], dst)
     return dst
 
 
@@ -114,7 +111,7 @@ def test_unexpected_tensor(single_file):
 
 def test_single_file_checkpoint_loads(single_file, checkpoints):
     ids = torch.randint(0, 256, (1, 9))
-    sharded = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])
+    sharded = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     assert torch.equal(p3.Phi3ForCausalLM.from_pretrained(single_file)(ids), sharded(ids))
 
 
@@ -128,7 +125,7 @@ def test_pickle_checkpoints_are_refused(tmp_path, folder):
 
 
 def test_token_ids_outside_the_vocabulary(checkpoints):
-    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     with pytest.raises(p3.Phi3Error, match=r"token id 256 is outside the vocabulary: expected ids in 0..255"):
         model(torch.tensor([[1, 256]]))
     with pytest.raises(p3.Phi3Error, match=r"token id -1 is outside the vocabulary"):
@@ -140,13 +137,13 @@ def test_token_ids_outside_the_vocabulary(checkpoints):
 
 
 def test_empty_prompt(checkpoints):
-    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     with pytest.raises(p3.Phi3Error, match=r"input_ids is empty: shape \(1, 0\)"):
         p3.generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
 
 
 def test_prompt_plus_new_tokens_longer_than_the_model_or_cache(checkpoints):
-    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("Phi-3-mini-4k-instruct")[0])  # 64 positions
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])  # 64 positions
     with pytest.raises(p3.Phi3Error, match="prompt of 60 tokens \\+ max_new_tokens=5 = 65 positions, more than the model's max_position_embeddings 64"):
         p3.generate(model, torch.ones(1, 60, dtype=torch.long), 5)
     with pytest.raises(p3.Phi3Error, match="sequence of 65 positions .* longer than the model's max_position_embeddings 64"):

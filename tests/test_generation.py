@@ -7,7 +7,7 @@ import torch
 
 import phi3_scratch as p3
 
-from .conftest import CONFIGS, FAMILY, FIXTURES, SMALL_ORIGINAL_MAX, needs_fixture
+from .conftest import FAMILY, FIXTURES, INLINE, SMALL_ORIGINAL_MAX, model_params, needs_fixture
 
 STORIES = FIXTURES / "stories260K-phi3"
 
@@ -18,8 +18,7 @@ def hf_generate(hf, ids, new, eos, mask=None):
                            max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0)
 
 
-@needs_fixture(CONFIGS)
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", model_params(*FAMILY, *INLINE))
 def test_greedy_tokens_match_transformers_with_and_without_cache(checkpoints, name):
     folder, hf = checkpoints(name)
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
@@ -30,8 +29,7 @@ def test_greedy_tokens_match_transformers_with_and_without_cache(checkpoints, na
     assert torch.equal(p3.generate(model, ids, 24, use_cache=False, eos_token_id=[]), expected)
 
 
-@needs_fixture(CONFIGS)
-@pytest.mark.parametrize("name", ["Phi-3-mini-4k-instruct", "Phi-3-medium-4k-instruct", "Phi-4-mini-instruct"])
+@pytest.mark.parametrize("name", model_params("tiny-window", "tiny-longrope", "Phi-3-mini-4k-instruct", "Phi-3-medium-4k-instruct", "Phi-4-mini-instruct"))
 def test_left_padded_batch_gives_each_row_its_own_tokens(checkpoints, name):
     folder, hf = checkpoints(name)
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
@@ -50,8 +48,7 @@ def test_left_padded_batch_gives_each_row_its_own_tokens(checkpoints, name):
     assert torch.equal(p3.generate(model, ids, 15, use_cache=False, eos_token_id=[], attention_mask=mask), batch)
 
 
-@needs_fixture(CONFIGS)
-@pytest.mark.parametrize("name", ["Phi-3-mini-128k-instruct", "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"])
+@pytest.mark.parametrize("name", model_params("tiny-longrope", "Phi-3-mini-128k-instruct", "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"))
 def test_longrope_generation_across_the_switch_matches_transformers(checkpoints, name):
     """The prompt fits in original_max; generation grows past it and the cache is recomputed."""
     folder, hf = checkpoints(name)
@@ -63,10 +60,9 @@ def test_longrope_generation_across_the_switch_matches_transformers(checkpoints,
     assert torch.equal(p3.generate(model, ids, 12, use_cache=False, eos_token_id=[]), expected)
 
 
-@needs_fixture(CONFIGS)
 def test_longrope_switch_needs_cache_recompute(checkpoints):
     """Why generate() drops the cache at the switch: keys cached with the short factors are stale."""
-    folder, _ = checkpoints("Phi-3-mini-128k-instruct")
+    folder, _ = checkpoints("tiny-longrope")
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ids = torch.randint(3, 256, (1, SMALL_ORIGINAL_MAX + 1))
     with torch.no_grad():
@@ -80,9 +76,8 @@ def test_longrope_switch_needs_cache_recompute(checkpoints):
     assert (fresh - full).abs().max() < 1e-5
 
 
-@needs_fixture(CONFIGS)
 def test_stop_tokens_end_generation(checkpoints):
-    folder, hf = checkpoints("Phi-3-mini-4k-instruct")
+    folder, hf = checkpoints("tiny-window")
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ids = torch.randint(3, 256, (1, 5))
     free = p3.generate(model, ids, 20, eos_token_id=[])  # [] disables stopping
@@ -94,20 +89,18 @@ def test_stop_tokens_end_generation(checkpoints):
     assert torch.equal(stopped, hf_generate(hf, ids, 20, eos=[123, stop]))
 
 
-@needs_fixture(CONFIGS)
 def test_stop_tokens_default_to_generation_config(checkpoints, tmp_path):
     """Phi-3 stops at <|endoftext|>, <|assistant|> and <|end|> (generation_config.json), not just eos."""
     folder = tmp_path / "ckpt"
-    shutil.copytree(checkpoints("Phi-3-mini-4k-instruct", "official")[0], folder)
+    shutil.copytree(checkpoints("tiny-window", "official")[0], folder)
     (folder / "generation_config.json").write_text('{"eos_token_id": [32000, 32001, 32007]}')
     assert p3.Phi3ForCausalLM.from_pretrained(folder).config.stop_token_ids == [32000, 32001, 32007]
     (folder / "generation_config.json").unlink()
     assert p3.Phi3ForCausalLM.from_pretrained(folder).config.stop_token_ids == [2]  # config.json's eos
 
 
-@needs_fixture(CONFIGS)
 def test_streaming_yields_each_token_as_it_is_chosen(checkpoints):
-    folder, _ = checkpoints("phi-4")
+    folder, _ = checkpoints("tiny-window")
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ids = torch.randint(3, 256, (2, 4))
     stream = p3.stream_tokens(model, ids, 10, eos_token_id=[])

@@ -9,10 +9,9 @@ import torch
 
 import phi3_scratch as p3
 
-from .conftest import CONFIGS, FAMILY, needs_fixture
+from .conftest import FAMILY, INLINE, model_params
 
 TOL = 1e-4
-pytestmark = needs_fixture(CONFIGS)
 
 
 def hf_logits(hf, ids, mask=None, positions=None):
@@ -21,7 +20,7 @@ def hf_logits(hf, ids, mask=None, positions=None):
 
 
 @pytest.mark.parametrize("fmt", ["transformers", "official"])
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", model_params(*FAMILY, *INLINE))
 def test_logits_match_transformers(checkpoints, name, fmt, report):
     folder, hf = checkpoints(name, fmt)
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
@@ -36,7 +35,7 @@ def test_logits_match_transformers(checkpoints, name, fmt, report):
         assert diff < TOL, f"{name} ({fmt} config), length {length}: logits differ by {diff}"
 
 
-@pytest.mark.parametrize("name", ["Phi-3-mini-4k-instruct", "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"])
+@pytest.mark.parametrize("name", model_params("tiny-window", "tiny-longrope", "Phi-3-mini-4k-instruct", "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"))
 def test_left_padded_batch_matches_transformers(checkpoints, name):
     folder, hf = checkpoints(name)
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
@@ -55,7 +54,7 @@ def test_left_padded_batch_matches_transformers(checkpoints, name):
 
 def test_module_tree_matches_transformers(checkpoints):
     """print(model) shows transformers' tree: same module names (dropouts aside: inference only)."""
-    folder, hf = checkpoints("Phi-4-mini-instruct")
+    folder, hf = checkpoints("tiny-longrope")
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ours = {name for name, _ in model.named_modules()}
     theirs = {name for name, _ in hf.named_modules() if "dropout" not in name}
