@@ -1,0 +1,44 @@
+"""The whole path on the real Phi-3-mini-4k-instruct weights, when they are on this machine.
+
+Set PHI3_MINI_4K to the checkpoint folder, or have the repo in the Hugging Face cache
+(`hf download microsoft/Phi-3-mini-4k-instruct`). Elsewhere the test skips, saying so.
+The expected numbers are those of transformers' own integration test for this model.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import phi3_scratch as p3
+
+REPO = "microsoft/Phi-3-mini-4k-instruct"
+
+
+def real_checkpoint() -> Path | None:
+    if os.environ.get("PHI3_MINI_4K"):
+        return Path(os.environ["PHI3_MINI_4K"])
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(REPO, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        return folder if (folder / "config.json").is_file() else None
+    except Exception:  # not in the cache: nothing to test against
+        return None
+
+
+FOLDER = real_checkpoint()
+
+
+@pytest.mark.skipif(FOLDER is None, reason=f"real weights absent: set PHI3_MINI_4K or download {REPO} (7.6 GB)")
+def test_real_phi3_mini_logits_match_transformers_integration_values():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = p3.Phi3ForCausalLM.from_pretrained(FOLDER, device=device, dtype=torch.float32)
+    ids = torch.tensor([[1212, 318, 281, 1672, 2643, 290, 428, 318, 257, 1332]], device=device)
+    with torch.no_grad():
+        logits = model(ids)[0, :2].float().cpu()
+    row0 = torch.tensor([8.9005, 8.5380, 12.0361, 9.1562, 7.4068, 10.2581])
+    row1 = torch.tensor([18.7090, 18.5701, 19.3660, 21.5171])
+    torch.testing.assert_close(logits[0, :6], row0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits[1, :4], row1, rtol=1e-4, atol=1e-4)
