@@ -1,8 +1,11 @@
-"""Greedy generation: repeatedly append the most likely next token.
+"""Generation: repeatedly append the next token, greedy by default.
 
     prefill:  logits = model(prompt)                 one pass over the whole prompt
     decode:   token  = argmax(logits[:, -1])         the last position predicts the next token
               logits = model(token, cache)           one new position, earlier k/v from the cache
+
+With temperature > 0 the token is sampled instead (`sample`): top-k and top-p first cut the
+candidates, and a seed makes the draw reproducible.
 
 `stream_tokens` is the loop itself, yielding each new token as soon as it is chosen (set a
 breakpoint inside it to watch the cache fill); `generate` collects what it yields.
@@ -26,11 +29,16 @@ def stream_tokens(
     use_cache: bool = True,
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,  # (B, T): 1 real token, 0 padding
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), one step at a time.
 
     eos_token_id: the stop ids. None means the model's (generation_config.json, else config.json);
     [] never stops early. A row that has stopped gets the pad id until every row has stopped.
+    temperature 0 is greedy; above 0 the token is drawn by `sample` with top_k, top_p and seed.
     """
     config = model.config
     B, T = check_input_ids(input_ids, config.vocab_size)
@@ -46,6 +54,10 @@ def stream_tokens(
             raise Phi3Error(f"attention_mask must have the shape of input_ids {(B, T)}, got {tuple(attention_mask.shape)}")
         if not bool(attention_mask[:, -1].all()):
             raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
+    check_sampling(temperature, top_k, top_p)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     stop_ids = config.stop_token_ids if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
@@ -56,7 +68,10 @@ def stream_tokens(
     logits = model(seq, cache, mask)  # (B, T, V): prefill
     finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,)
     for step in range(max_new_tokens):
-        token = logits[:, -1].float().argmax(-1)  # (B,): greedy; the first index wins a tie
+        if temperature == 0:
+            token = logits[:, -1].float().argmax(-1)  # (B,): greedy; the first index wins a tie
+        else:
+            token = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
         token = token.masked_fill(finished, pad_id)  # rows that stopped only pad
         yield token
         finished |= torch.isin(token, stops)
@@ -77,6 +92,37 @@ def stream_tokens(
             logits = model(token[:, None], cache, mask)  # (B, 1, V): one new position
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise Phi3Error(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise Phi3Error(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise Phi3Error(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits / temperature), (B, V) -> (B,).
+
+    top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens whose
+    probabilities add up to at least p (the most likely token always stays).
+    """
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+        drop_sorted = mass_before >= top_p  # (B, V), in sorted order
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+
+
 def _crosses_longrope_switch(config, cache, seq_len: int) -> bool:
     original = config.original_max_position_embeddings
     return config.rope_type == "longrope" and cache.length <= original < seq_len
@@ -89,7 +135,12 @@ def generate(
     use_cache: bool = True,
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding. Returns the prompt followed by the new tokens, (B, T + new), new <= max_new_tokens."""
-    new = list(stream_tokens(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask))
+    """Greedy (or sampled) decoding. Returns the prompt and the new tokens, (B, T + new), new <= max_new_tokens."""
+    new = list(stream_tokens(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
+                             temperature, top_k, top_p, seed))
     return torch.cat([input_ids.long(), torch.stack(new, dim=1)], dim=1)
