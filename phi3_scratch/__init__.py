@@ -4,7 +4,8 @@
     model = p3.Phi3ForCausalLM.from_pretrained("microsoft/Phi-3-mini-4k-instruct")
     out = p3.generate(model, input_ids, max_new_tokens=200)
 
-Read in this order: config.py, rotary.py, model.py, cache.py, generation.py, loading.py.
+Read in this order: config.py, rotary.py, model.py, cache.py, generation.py, loading.py, then
+tokenizer.py and cli.py (the `phi3-scratch` command) and tiny.py (the built-in tiny model).
 """
 
 from .cache import KVCache
@@ -12,5 +13,6 @@ from .config import Phi3Config
 from .errors import Phi3Error
 from .generation import generate, stream_tokens
 from .model import Phi3ForCausalLM, Phi3Model
+from .tokenizer import Tokenizer
 
-__all__ = ["KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM", "Phi3Model", "generate", "stream_tokens"]
+__all__ = ["KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM", "Phi3Model", "Tokenizer", "generate", "stream_tokens"]

@@ -39,6 +39,7 @@ HUB_FILES = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "chat_template.jinja",
 ]
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -122,7 +123,8 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
                 raise Phi3Error(f"shard {folder / file} is named in {index} but is missing")
         return files
     if (folder / "model.safetensors").is_file():
-        return {"model.safetensors": []}  # names come from the file itself
+        with _open(folder / "model.safetensors") as f:
+            return {"model.safetensors": list(f.keys())}
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
     if pickles:
         raise Phi3Error(
@@ -152,7 +154,8 @@ def _checkpoint_dtype(folder: Path, files: dict[str, list[str]]) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
-def load_model(cls, path_or_repo_id, device="cpu", dtype=None) -> nn.Module:
+def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None) -> nn.Module:
+    """progress, if given, is called as progress(tensors_done, tensors_total) after each tensor."""
     device = resolve_device(device)
     folder = resolve_checkpoint(path_or_repo_id)
     config = Phi3Config.from_pretrained(folder)
@@ -163,6 +166,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None) -> nn.Module:
         model = cls(config)  # shapes only, no storage
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
     loaded: set[str] = set()
+    total = sum(len(names) for names in files.values())
     for file in files:
         path = folder / file
         with _open(path) as f:
@@ -182,6 +186,8 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None) -> nn.Module:
                     raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
                 _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
                 loaded.add(name)
+                if progress:
+                    progress(len(loaded), total)
     missing = sorted(set(expected) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

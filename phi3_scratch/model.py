@@ -210,11 +210,11 @@ class Phi3ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> "Phi3ForCausalLM":
+                        dtype: torch.dtype | str | None = None, progress=None) -> "Phi3ForCausalLM":
         """Load a checkpoint (a local folder or a Hugging Face repo id); see phi3_scratch.loading."""
         from .loading import load_model
 
-        return load_model(cls, path_or_repo_id, device=device, dtype=dtype)
+        return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress)
 
 
 # --------------------------------------------------------------------------- inputs and masks

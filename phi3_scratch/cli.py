@@ -1,0 +1,282 @@
+"""The `phi3-scratch` command (also `python -m phi3_scratch`): the teaching notebook, step by step.
+
+    generate PROMPT    greedy continuation, 200 new tokens, only the new text, streamed
+    chat               a conversation in the terminal (/reset, /exit)
+    arch               the module tree, parameters per part, weight and KV-cache memory
+    next-token PROMPT  run the body, then the head: the top-k candidates for the next token
+    bench PROMPT       the same generation timed with and without the KV cache
+    tour               all of the above in order, each with a one-line explanation
+
+Every command takes --model (a folder, a Hugging Face repo id, or `tiny`: a small model this
+project trains for itself, see tiny.py), --device and --dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from .errors import Phi3Error
+from .generation import check_sampling, generate, stream_tokens
+from .loading import resolve_checkpoint
+from .model import Phi3ForCausalLM
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+TOUR_PROMPT = "What does generate do?"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of usage + message
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def log(message: str = "", end: str = "\n") -> None:
+    print(message, end=end, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
+    start = time.perf_counter()
+    if args.model == "tiny":
+        from .tiny import tiny_folder
+
+        folder = tiny_folder()
+    else:
+        folder = resolve_checkpoint(args.model)  # a repo id downloads here, with huggingface-hub's bars
+    tokenizer = Tokenizer.from_pretrained(folder)  # first: a folder without one fails before the weights load
+    log(f"loading {args.model} ({folder}) onto {args.device}")
+
+    def bar(done: int, total: int) -> None:
+        filled = 30 * done // total
+        log(f"\r  weights [{'#' * filled}{'-' * (30 - filled)}] {done}/{total} tensors", end="\n" if done == total else "")
+
+    model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=bar)
+    weight = model.lm_head.weight
+    log(f"loaded {count(model):,} parameters ({weight.dtype}, {weight_bytes(model) / 1e9:.3f} GB) and "
+        f"the tokenizer in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied head is counted once
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    return sorted(set(model.config.stop_token_ids) | set(tokenizer.stop_ids))
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, device) -> torch.Tensor:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    return torch.tensor([tokenizer.encode(text)], device=device)  # (1, T)
+
+
+def stream_text(model, tokenizer, ids, args) -> list[int]:
+    """Print the new text as it is produced; return the new ids (stop token excluded)."""
+    stops = stop_ids(model, tokenizer)
+    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    new = []
+    for token in stream_tokens(model, ids, args.max_new_tokens, use_cache=not args.no_cache, eos_token_id=stops,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        token = int(token[0])
+        if token in stops:
+            break
+        new.append(token)
+        print(decoder.push(token), end="", flush=True)
+    print(flush=True)
+    return new
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def cmd_generate(args) -> None:
+    model, tokenizer = load(args)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
+    stream_text(model, tokenizer, ids, args)
+
+
+def cmd_chat(args) -> None:
+    model, tokenizer = load(args)
+    log("chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves")
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            history = []
+            log("(conversation forgotten)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        limit = model.config.max_position_embeddings - args.max_new_tokens
+        while True:  # drop the oldest turns until the conversation fits
+            ids = tokenizer.encode(tokenizer.apply_chat_template(history))
+            if len(ids) <= limit or len(history) == 1:
+                break
+            history = history[2:]
+        if len(ids) > limit:
+            raise Phi3Error(f"the message is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} "
+                            f"at most {limit} fit in the model's {model.config.max_position_embeddings} positions")
+        print("assistant> ", end="", flush=True)
+        reply = stream_text(model, tokenizer, torch.tensor([ids], device=model.lm_head.weight.device), args)
+        history.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
+
+
+def cmd_arch(args, model=None) -> None:
+    model = model or load(args)[0]
+    c = model.config
+    print(model)
+    layers = model.model.layers
+    parts = {
+        "embed_tokens": model.model.embed_tokens.weight.numel(),
+        "attention (qkv_proj, o_proj)": sum(p.numel() for layer in layers for p in layer.self_attn.parameters()),
+        "mlp (gate_up_proj, down_proj)": sum(p.numel() for layer in layers for p in layer.mlp.parameters()),
+        "norms": sum(p.numel() for n, p in model.named_parameters() if "norm" in n),
+        "lm_head": 0 if c.tie_word_embeddings else model.lm_head.weight.numel(),
+    }
+    total = count(model)
+    print(f"\n{'part':34s}{'parameters':>16s}{'share':>8s}")
+    for name, n in parts.items():
+        note = "  (tied: the embedding matrix)" if name == "lm_head" and c.tie_word_embeddings else ""
+        print(f"{name:34s}{n:>16,}{n / total:>8.1%}{note}")
+    print(f"{'total':34s}{total:>16,}")
+    element = model.lm_head.weight.element_size()
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # k and v
+    print(f"\nweights: {weight_bytes(model) / 2**30:.3f} GiB in {model.lm_head.weight.dtype}")
+    print(f"KV cache: {per_token / 1024:.1f} KiB per token (2 x {c.num_hidden_layers} layers x "
+          f"{c.num_key_value_heads} kv heads x {c.head_dim} x {element} B); "
+          f"{per_token * c.max_position_embeddings / 2**30:.3f} GiB for all {c.max_position_embeddings} positions")
+
+
+def cmd_next_token(args, loaded=None) -> None:
+    model, tokenizer = loaded or load(args)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
+    with torch.no_grad():
+        hidden = model.model(ids)  # the body: (1, T, hidden)
+        logits = model.lm_head(hidden[:, -1]).float()[0]  # the head, last position only: (V,)
+    probs = logits.softmax(-1)
+    top = logits.topk(min(args.top_k, logits.numel()))
+    print(f"hidden state {tuple(hidden.shape)} -> logits {tuple(logits.shape)}; argmax: {int(logits.argmax())}")
+    print(f"{'rank':>4s} {'id':>7s}  {'token':20s}{'logit':>9s}{'prob':>9s}")
+    for rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+        print(f"{rank:>4d} {token:>7d}  {tokenizer.id_to_piece(token)!r:20s}{value:>9.3f}{probs[token].item():>9.2%}")
+
+
+def cmd_bench(args, loaded=None) -> None:
+    model, tokenizer = loaded or load(args)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
+    times = {True: [], False: []}
+    for run in range(args.runs):  # alternate, so that both see the same machine conditions
+        for use_cache in (True, False):
+            start = time.perf_counter()
+            out = generate(model, ids, args.max_new_tokens, use_cache=use_cache, eos_token_id=[])
+            if ids.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[use_cache].append(time.perf_counter() - start)
+    new = out.shape[1] - ids.shape[1]
+    print(f"{new} new tokens after a {ids.shape[1]}-token prompt, {args.runs} runs each, stop tokens ignored")
+    for use_cache, label in ((True, "with KV cache"), (False, "without cache")):
+        median = statistics.median(times[use_cache])
+        print(f"{label:14s} median {median:8.3f} s  {new / median:8.1f} tokens/s  "
+              f"(runs: {', '.join(f'{t:.3f}' for t in times[use_cache])})")
+    print(f"the cache is {statistics.median(times[False]) / statistics.median(times[True]):.1f}x faster")
+
+
+def cmd_tour(args) -> None:
+    print("== 1. Load: the config, then each weight tensor, straight onto the device ==")
+    model, tokenizer = load(args)
+    print(f"\n== 2. Generate: {args.prompt!r} in the chat template, greedy, {args.max_new_tokens} new tokens, "
+          "only the new text ==")
+    ids = encode_prompt(tokenizer, args.prompt, True, model.lm_head.weight.device)
+    stream_text(model, tokenizer, ids, args)
+    print("\n== 3. Architecture: embedding, decoder layers (attention + MLP), final norm, head ==")
+    cmd_arch(args, model)
+    print("\n== 4. Next token: run the body (model.model), then the head (lm_head) on the last position ==")
+    args.top_k, args.chat = 5, True
+    cmd_next_token(args, (model, tokenizer))
+    print("\n== 5. KV cache: the same generation timed with and without it ==")
+    args.max_new_tokens = min(args.max_new_tokens, 50)
+    cmd_bench(args, (model, tokenizer))
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help=f"folder, repo id or 'tiny' (default {DEFAULT_MODEL})")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
+    gen = Parser(add_help=False)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=200)
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-k", type=positive_int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    chat = Parser(add_help=False)
+    chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+    parser = Parser(prog="phi3-scratch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("generate", parents=[common, gen, chat], help="continue a prompt")
+    p.add_argument("prompt")
+    sub.add_parser("chat", parents=[common, gen], help="talk to the model")
+    sub.add_parser("arch", parents=[common], help="module tree and sizes")
+    p = sub.add_parser("next-token", parents=[common, chat], help="top-k candidates for the next token")
+    p.add_argument("prompt")
+    p.add_argument("--top-k", type=positive_int, default=10)
+    p = sub.add_parser("bench", parents=[common, chat], help="time generation with and without the KV cache")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p.add_argument("--runs", type=positive_int, default=3)
+    p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
+    p.add_argument("--prompt", default=TOUR_PROMPT)
+    p.add_argument("--runs", type=positive_int, default=2)
+    return parser
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "arch": cmd_arch, "next-token": cmd_next_token,
+            "bench": cmd_bench, "tour": cmd_tour}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if "prompt" in args and not args.prompt.strip():  # checked before minutes of loading
+            raise Phi3Error("PROMPT is empty: give some text to continue")
+        if "temperature" in args:
+            check_sampling(args.temperature, args.top_k, args.top_p)
+        COMMANDS[args.command](args)
+    except Phi3Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    return 0

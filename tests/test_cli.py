@@ -1,0 +1,142 @@
+"""The `phi3-scratch` commands, run against the tiny checkpoint (a short-trained copy of `--model tiny`)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import phi3_scratch as p3
+from phi3_scratch.cli import main
+from phi3_scratch.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The built-in tiny checkpoint's recipe with 40 training steps instead of 400, made once."""
+    from phi3_scratch import tiny
+
+    os.environ["PHI3_SCRATCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return tiny.tiny_folder(steps=40, progress=False)
+    finally:
+        del os.environ["PHI3_SCRATCH_CACHE"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_prints_only_the_new_text_of_p3_generate(tiny, capsys):
+    code, out, err = run(capsys, "generate", "The KV cache", "--model", tiny, "--max-new-tokens", 30)
+    assert code == 0 and "loaded" in err and "parameters" in err
+    model, tok = p3.Phi3ForCausalLM.from_pretrained(tiny), Tokenizer.from_pretrained(tiny)
+    ids = torch.tensor([tok.encode("The KV cache")])
+    stops = sorted(set(model.config.stop_token_ids) | set(tok.stop_ids))
+    new = p3.generate(model, ids, 30, eos_token_id=stops)[0, ids.shape[1]:].tolist()
+    new = new[:-1] if new and new[-1] in stops else new
+    assert out == tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_generate_with_chat_template_and_no_cache_agree(tiny, capsys):
+    _, cached, _ = run(capsys, "generate", "What does generate do?", "--chat", "--model", tiny, "--max-new-tokens", 20)
+    _, uncached, _ = run(capsys, "generate", "What does generate do?", "--chat", "--no-cache", "--model", tiny,
+                         "--max-new-tokens", 20)
+    assert cached == uncached and len(cached) > 1
+
+
+def test_sampling_is_reproducible_for_a_seed(tiny, capsys):
+    args = ["generate", "The", "--model", tiny, "--max-new-tokens", 25, "--temperature", 1.5, "--top-p", 0.95]
+    first = run(capsys, *args, "--seed", 3)[1]
+    assert run(capsys, *args, "--seed", 3)[1] == first
+    assert run(capsys, *args, "--seed", 4)[1] != first
+
+
+def test_next_token_table_puts_the_argmax_first(tiny, capsys):
+    code, out, _ = run(capsys, "next-token", "The model", "--model", tiny, "--top-k", 5)
+    assert code == 0
+    model, tok = p3.Phi3ForCausalLM.from_pretrained(tiny), Tokenizer.from_pretrained(tiny)
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("The model")]))[0, -1]
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]
+    assert len(rows) == 5
+    assert int(rows[0][1]) == int(logits.argmax())
+    assert [int(r[1]) for r in rows] == logits.topk(5).indices.tolist()
+    assert float(rows[0][-2]) == pytest.approx(logits.max().item(), abs=1e-3)
+
+
+def test_bench_reports_both_runs(tiny, capsys):
+    code, out, _ = run(capsys, "bench", "The", "--model", tiny, "--max-new-tokens", 10, "--runs", 2)
+    assert code == 0
+    assert re.search(r"with KV cache\s+median\s+[\d.]+ s\s+[\d.]+ tokens/s", out)
+    assert re.search(r"without cache\s+median\s+[\d.]+ s\s+[\d.]+ tokens/s", out)
+    assert re.search(r"the cache is [\d.]+x faster", out)
+
+
+def test_arch_counts_every_parameter(tiny, capsys):
+    code, out, _ = run(capsys, "arch", "--model", tiny)
+    model = p3.Phi3ForCausalLM.from_pretrained(tiny)
+    assert code == 0 and "(qkv_proj): Linear" in out and "(gate_up_proj): Linear" in out
+    assert re.search(rf"total\s+{sum(p.numel() for p in model.parameters()):,}", out)
+    c = model.config
+    assert f"{2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 / 1024:.1f} KiB per token" in out
+
+
+def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
+    lines = iter(["What does generate do?", "And sample?", "/reset", "What does generate do?", "/exit"])
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": prompts.append(prompt) or next(lines))
+    seen = []
+    real_encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: seen.append(text) or real_encode(self, text, **kw))
+    code, out, err = run(capsys, "chat", "--model", tiny, "--max-new-tokens", 15)
+    assert code == 0 and out.count("assistant> ") == 3 and "forgotten" in err
+    chats = [t for t in seen if "<|user|>" in t]
+    assert chats[1].count("<|user|>") == 2 and chats[1].count("<|assistant|>") == 2  # the first reply + the new prompt
+    assert chats[2] == chats[0]  # after /reset the conversation starts over
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "", "--model", "{tiny}"], "error: PROMPT is empty"),
+        (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument --max-new-tokens: expected a positive integer, got '0'"),
+        (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
+        (["arch", "--model", "{no_tokenizer}"], "tokenizer.model"),
+        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: temperature must be >= 0"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(tiny, tmp_path, capsys, argv, message):
+    import shutil
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny / f, no_tokenizer)
+    argv = [a.format(tiny=tiny, no_tokenizer=no_tokenizer) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    _, err = capsys.readouterr()
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_tour_on_the_built_in_tiny_model_from_a_fresh_cache(tmp_path):
+    """The README's main command, as a user runs it: it trains the tiny model (about a minute) first."""
+    env = {**os.environ, "PHI3_SCRATCH_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "phi3_scratch", "tour", "--model", "tiny"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for heading in ("1. Load", "2. Generate", "3. Architecture", "4. Next token", "5. KV cache"):
+        assert f"== {heading}" in done.stdout
+    assert "training tiny Phi-3" in done.stderr
+    (folder,) = tmp_path.glob("tiny-*")
+    losses = json.loads((folder / "training.json").read_text())
+    assert losses["final_loss"] < losses["first_loss"] / 2  # it has learned something
