@@ -140,3 +140,23 @@ def test_tour_on_the_built_in_tiny_model_from_a_fresh_cache(tmp_path):
     (folder,) = tmp_path.glob("tiny-*")
     losses = json.loads((folder / "training.json").read_text())
     assert losses["final_loss"] < losses["first_loss"] / 2  # it has learned something
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_text(tiny, capsys, monkeypatch):
+    import phi3_scratch.cli as cli
+
+    real = cli.stream_tokens
+
+    def interrupted(*args, **kwargs):
+        for n, token in enumerate(real(*args, **kwargs)):
+            if n == 5:
+                raise KeyboardInterrupt
+            yield token
+
+    monkeypatch.setattr(cli, "stream_tokens", interrupted)
+    code, out, err = run(capsys, "generate", "The KV cache", "--model", tiny, "--max-new-tokens", 30)
+    model, tok = p3.Phi3ForCausalLM.from_pretrained(tiny), Tokenizer.from_pretrained(tiny)
+    ids = torch.tensor([tok.encode("The KV cache")])
+    first5 = p3.generate(model, ids, 5, eos_token_id=[])[0, ids.shape[1]:].tolist()
+    assert code == 130 and err.rstrip().endswith("[stopped]")
+    assert out.startswith(tok.decode(first5, skip_special_tokens=True))
