@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import Phi3Error
 
 ROPE_TYPES = ("default", "longrope")
-ROPE_ALIASES = {"su": "longrope"}  # older 128k checkpoints say "su"
+ROPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # older 128k checkpoints say "su"; transformers maps both
 
 
 @dataclass
@@ -81,6 +81,15 @@ class Phi3Config:
 
     def validate(self) -> None:
         where = f"config {self.source}"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise Phi3Error(f"{where}: {name} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta", "partial_rotary_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise Phi3Error(f"{where}: {name} must be a positive number, got {value!r}")
         if self.rope_type not in ROPE_TYPES:
             raise Phi3Error(
                 f"{where}: unknown rope type {self.rope_type!r}; expected one of "
@@ -110,14 +119,16 @@ class Phi3Config:
                         f"{self.rotary_dim // 2} numbers, got "
                         f"{'none' if factors is None else len(factors)}"
                     )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise Phi3Error(f"{where}: sliding_window must be null or >= 1, got {self.sliding_window}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
 
     # ----------------------------------------------------------------------------- reading
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "Phi3Config":
         """Build a config from the contents of config.json, in either on-disk format."""
+        if not isinstance(d, dict):
+            raise Phi3Error(f"config {source}: expected a JSON object, got a JSON {type(d).__name__}")
         model_type = d.get("model_type")
         architectures = d.get("architectures") or []
         if model_type != "phi3" or (architectures and "Phi3ForCausalLM" not in architectures):
@@ -139,12 +150,12 @@ class Phi3Config:
                 intermediate_size=d["intermediate_size"],
                 num_hidden_layers=d["num_hidden_layers"],
                 num_attention_heads=d["num_attention_heads"],
-                num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                num_key_value_heads=d["num_attention_heads"] if d.get("num_key_value_heads") is None
+                else d["num_key_value_heads"],  # null means plain multi-head attention
                 max_position_embeddings=d["max_position_embeddings"],
-                original_max_position_embeddings=(
-                    rope.get("original_max_position_embeddings")
-                    or d.get("original_max_position_embeddings")
-                    or d["max_position_embeddings"]
+                original_max_position_embeddings=d.get(  # top level first, as transformers reads it
+                    "original_max_position_embeddings",
+                    rope.get("original_max_position_embeddings", d["max_position_embeddings"]),
                 ),
                 rms_norm_eps=d.get("rms_norm_eps", 1e-5),
                 rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import Phi3Error
-from .model import Phi3ForCausalLM, check_input_ids
+from .model import Phi3ForCausalLM, check_attention_mask, check_input_ids
 
 
 @torch.inference_mode()
@@ -50,28 +50,24 @@ def stream_tokens(
             f"more than the model's max_position_embeddings {config.max_position_embeddings}"
         )
     if attention_mask is not None:
-        if attention_mask.shape != (B, T):
-            raise Phi3Error(f"attention_mask must have the shape of input_ids {(B, T)}, got {tuple(attention_mask.shape)}")
+        check_attention_mask(attention_mask, (B, T), "the shape of input_ids")
         if not bool(attention_mask[:, -1].all()):
             raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
-    check_sampling(temperature, top_k, top_p)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    stop_ids = config.stop_token_ids if eos_token_id is None else (
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    check_sampling(temperature, top_k, top_p, seed)
+    generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
+    stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
 
     seq, mask = input_ids.long(), attention_mask  # (B, T) each, growing by one column a step
     cache = model.new_cache(B, max_len=T + max_new_tokens) if use_cache else None
-    logits = model(seq, cache, mask)  # (B, T, V): prefill
-    finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,)
+    logits = last_logits(model, seq, cache, mask)  # (B, V): prefill
+    finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,): rows that hit a stop id
     for step in range(max_new_tokens):
         if temperature == 0:
-            token = logits[:, -1].float().argmax(-1)  # (B,): greedy; the first index wins a tie
+            token = logits.float().argmax(-1)  # (B,): greedy; the first index wins a tie
         else:
-            token = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         token = token.masked_fill(finished, pad_id)  # rows that stopped only pad
         yield token
         finished |= torch.isin(token, stops)
@@ -79,26 +75,46 @@ def stream_tokens(
             return
         seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + step + 1): the new token is real
         if cache is None:
-            logits = model(seq, None, mask)  # the whole sequence again
+            logits = last_logits(model, seq, None, mask)  # the whole sequence again
         elif _crosses_longrope_switch(config, cache, seq.shape[1]):
             # The cached keys were rotated with the short factors. Now that the sequence is longer
             # than the original context, every key must use the long factors: start over with one
             # forward over the whole sequence, as transformers' generate does.
             cache.reset()
-            logits = model(seq, cache, mask)
+            logits = last_logits(model, seq, cache, mask)
         else:
-            logits = model(token[:, None], cache, mask)  # (B, 1, V): one new position
+            logits = last_logits(model, token[:, None], cache, mask)  # one new position
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:
-        raise Phi3Error(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+def last_logits(model, input_ids, cache, mask) -> torch.Tensor:
+    """model(...)[:, -1] without computing the head for the other positions: (B, V).
+
+    Only the last position predicts the next token; for a long prompt, logits at every position
+    would cost T x V numbers (6 GB in bf16 for 100k tokens of Phi-3's 32064-word vocabulary).
+    """
+    hidden = model.model(input_ids, cache, mask)  # (B, T, H)
+    return model.lm_head(hidden[:, -1])  # (B, V)
+
+
+def stop_id_list(eos_token_id) -> list[int]:
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(ids, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return list(ids)
+    raise Phi3Error(f"eos_token_id must be None, a token id or a list of token ids, got {eos_token_id!r:.80}")
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None) -> None:
+    number = (int, float)
+    if not isinstance(temperature, number) or not temperature >= 0:
+        raise Phi3Error(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise Phi3Error(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise Phi3Error(f"top_p must be in (0, 1] or None, got {top_p}")
+    if top_p is not None and (not isinstance(top_p, number) or not 0 < top_p <= 1):
+        raise Phi3Error(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if seed is not None and not isinstance(seed, int):
+        raise Phi3Error(f"seed must be an integer or None, got {seed!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,

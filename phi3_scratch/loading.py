@@ -50,8 +50,14 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
-    """A local folder as it is, or the local snapshot of a Hugging Face repo (downloaded if needed)."""
+TOKENIZER_FILES = [f for f in HUB_FILES if "safetensors" not in f]
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES) -> Path:
+    """A local folder as it is, or the local snapshot of a Hugging Face repo (downloaded if needed).
+
+    `files`: the name patterns to download (the tokenizer asks for TOKENIZER_FILES: no weights).
+    """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -60,15 +66,15 @@ def resolve_checkpoint(path_or_repo_id: str | Path) -> Path:
         raise Phi3Error(f"{name} is a file; expected a checkpoint folder (with config.json) or a repo id")
     if not REPO_ID.match(name):
         raise Phi3Error(f"checkpoint folder {name} not found (and it is not a Hugging Face repo id like 'org/name')")
-    return _download(name)
+    return _download(name, files)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, files: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=files))
     except RepositoryNotFoundError:
         raise Phi3Error(
             f"{repo_id!r} is neither a local folder nor a Hugging Face repo that can be read "
@@ -76,8 +82,8 @@ def _download(repo_id: str) -> Path:
         ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise Phi3Error(
-            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): no "
-            "network, or offline mode, and no complete copy in the local cache. Download it on a "
+            f"there is no local folder {repo_id!r}, and it could not be downloaded as a Hugging Face repo "
+            f"({type(e).__name__}): no network, or offline mode, and no complete copy in the local cache. Download it on a "
             "machine with a network (`hf download " + repo_id + "`) and pass the local folder "
             "instead, e.g. from_pretrained('/path/to/" + repo_id.split("/")[-1] + "')"
         ) from None
@@ -88,6 +94,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise Phi3Error(f"device {device!r} is not a torch device; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise Phi3Error(f"device {str(device)!r} is not supported; expected 'cpu', 'cuda' or 'cuda:N'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Phi3Error(
             f"device {str(device)!r} was asked for, but this machine has no CUDA GPU that torch can use "
@@ -166,7 +174,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None) ->
         model = cls(config)  # shapes only, no storage
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
     loaded: set[str] = set()
-    total = sum(len(names) for names in files.values())
+    total = len(expected)
     for file in files:
         path = folder / file
         with _open(path) as f:

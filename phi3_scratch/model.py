@@ -81,7 +81,7 @@ class Phi3Attention(nn.Module):
         x: torch.Tensor,  # (B, T, H), already normed
         cos: torch.Tensor,  # (B, T, rotary_dim)
         sin: torch.Tensor,
-        mask: torch.Tensor,  # (B, T, S) additive: 0 where allowed, most negative finite value elsewhere
+        mask: torch.Tensor,  # (B, T, S) fp32, additive: 0 where allowed, most negative finite value elsewhere
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -99,8 +99,10 @@ class Phi3Attention(nn.Module):
         q = q.view(B, self.num_kv_heads, self.kv_groups, T, self.head_dim)  # (B, nKV, groups, T, hd)
         k, v = k[:, :, None], v[:, :, None]  # (B, nKV, 1, S, hd): broadcast over the group
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, nKV, groups, T, S)
-        scores = scores + mask[:, None, None]  # masked keys get the most negative value
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32
+        # The mask is added in fp32, where the softmax runs anyway: in fp16, score + most negative
+        # value would overflow to -inf, and a row of padding with every key masked would give NaN.
+        scores = scores.float() + mask[:, None, None]  # (B, nKV, groups, T, S), mask broadcast over heads
+        probs = F.softmax(scores, dim=-1).to(q.dtype)  # (B, nKV, groups, T, S), rows sum to 1
         out = probs @ v  # (B, nKV, groups, T, hd)
         out = out.reshape(B, self.num_heads, T, self.head_dim)  # (B, nH, T, hd), head h = g*groups + r
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # heads side by side
@@ -165,8 +167,7 @@ class Phi3Model(nn.Module):
                 f"model's max_position_embeddings {self.config.max_position_embeddings}"
             )
         positions = position_ids(B, T, past, attention_mask, input_ids.device)  # (B, T)
-        mask = causal_mask(T, past, attention_mask, self.config.sliding_window, B,
-                           self.embed_tokens.weight.dtype, input_ids.device)  # (B, T, S)
+        mask = causal_mask(T, past, attention_mask, self.config.sliding_window, B, input_ids.device)  # (B, T, S)
 
         h = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (B, T, rotary_dim) each
@@ -198,7 +199,9 @@ class Phi3ForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int = 1, *, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` positions."""
-        if not 0 < max_len <= self.config.max_position_embeddings:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise Phi3Error(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(max_len, int) or not 0 < max_len <= self.config.max_position_embeddings:
             raise Phi3Error(
                 f"max_len must be in 1..max_position_embeddings={self.config.max_position_embeddings}, "
                 f"got {max_len}"
@@ -221,7 +224,11 @@ class Phi3ForCausalLM(nn.Module):
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
-    """Refuse input the model cannot run, with the reason; returns (B, T)."""
+    """Refuse input the model cannot run, with the reason; returns (B, T).
+
+    Checking the id range reads two numbers back from the device: on a GPU that is a sync per
+    call, the price of a clear error instead of an index error deep inside the embedding.
+    """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise Phi3Error(f"input_ids must be a 2-D LongTensor (batch, tokens), got {shape}")
@@ -245,17 +252,23 @@ def position_ids(B: int, T: int, past: int, attention_mask: torch.Tensor | None,
     """
     if attention_mask is None:
         return torch.arange(past, past + T, device=device).expand(B, T)
-    if attention_mask.shape != (B, past + T):
-        raise Phi3Error(
-            f"attention_mask must have shape (batch, cached + new tokens) = {(B, past + T)}, "
-            f"got {tuple(attention_mask.shape)}"
-        )
+    check_attention_mask(attention_mask, (B, past + T), "(batch, cached + new tokens)")
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
 
 
+def check_attention_mask(mask, shape: tuple[int, int], meaning: str) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise Phi3Error(f"attention_mask must be a tensor of 0 and 1, got {type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise Phi3Error(f"attention_mask must have shape {meaning} = {shape}, got {tuple(mask.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+        raise Phi3Error(f"attention_mask must hold only 0 (padding) and 1 (real token) as integers or bools, "
+                        f"got dtype {mask.dtype} with values {mask.unique().tolist()[:6]}")
+
+
 def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None, window: int | None,
-                B: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive attention mask (B, T, S), S = past + T: 0 where a query may look, else -inf-like.
+                B: int, device) -> torch.Tensor:
+    """Additive fp32 attention mask (B, T, S), S = past + T: 0 where a query may look, else -inf-like.
 
     Query i sits in slot q = past + i and may see key slot k when
         k <= q             causal: never the future
@@ -272,5 +285,5 @@ def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None, window: 
     allowed = allowed.expand(B, T, past + T)  # (B, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]  # padded keys are never seen
-    zeros = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)  # (B, T, S)
+    zeros = torch.zeros(allowed.shape, device=device)
+    return zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)  # (B, T, S)

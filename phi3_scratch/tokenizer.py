@@ -104,9 +104,9 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path) -> Tokenizer:
         """A folder with tokenizer.model (+ tokenizer_config.json), or a repo id to download."""
-        from .loading import resolve_checkpoint  # here, not at the top: loading imports torch
+        from .loading import TOKENIZER_FILES, resolve_checkpoint  # here, not at the top: loading imports torch
 
-        folder = resolve_checkpoint(path_or_repo_id)
+        folder = resolve_checkpoint(path_or_repo_id, TOKENIZER_FILES)
         model = folder / "tokenizer.model"
         if not model.is_file():
             phi4 = (" The folder has a tokenizer.json: Phi-4 models ship a BPE tokenizer.json and no sentencepiece "

@@ -108,7 +108,7 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
         (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument --max-new-tokens: expected a positive integer, got '0'"),
         (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
         (["arch", "--model", "{no_tokenizer}"], "tokenizer.model"),
-        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: temperature must be >= 0"),
+        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: temperature must be a number >= 0"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(tiny, tmp_path, capsys, argv, message):

@@ -174,7 +174,7 @@ def test_repo_id_while_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(p3.Phi3Error, match=r"could not download 'microsoft/Phi-3-mini-4k-instruct'.*pass the local folder instead"):
+    with pytest.raises(p3.Phi3Error, match=r"no local folder 'microsoft/Phi-3-mini-4k-instruct', and it could not be downloaded.*pass the local folder instead"):
         p3.Phi3ForCausalLM.from_pretrained("microsoft/Phi-3-mini-4k-instruct")
 
 
@@ -184,3 +184,63 @@ def test_dtype_choice(folder):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.new_cache(1, max_len=4).keys[0].dtype == torch.bfloat16
     assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
+
+
+def test_bad_attention_mask_stop_ids_and_sampling_arguments(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(p3.Phi3Error, match="attention_mask must be a tensor of 0 and 1, got list"):
+        model(ids, attention_mask=[[1, 1, 1], [1, 1, 1]])
+    with pytest.raises(p3.Phi3Error, match=r"attention_mask must hold only 0 \(padding\) and 1 .* values \[1, 2\]"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1], [2, 1, 1]]))
+    with pytest.raises(p3.Phi3Error, match=r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(2, 3\), got \(2, 4\)"):
+        model(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(p3.Phi3Error, match="attention_mask must have shape the shape of input_ids"):
+        p3.generate(model, ids, 2, attention_mask=torch.ones(3, 3, dtype=torch.long))
+    with pytest.raises(p3.Phi3Error, match="eos_token_id must be None, a token id or a list of token ids, got '2'"):
+        p3.generate(model, ids, 2, eos_token_id="2")
+    with pytest.raises(p3.Phi3Error, match="temperature must be a number >= 0 .* got '0.5'"):
+        p3.generate(model, ids, 2, temperature="0.5")
+    with pytest.raises(p3.Phi3Error, match="seed must be an integer or None, got 'x'"):
+        p3.generate(model, ids, 2, temperature=1.0, seed="x")
+    with pytest.raises(p3.Phi3Error, match="batch_size must be a positive integer, got 0"):
+        model.new_cache(0, max_len=4)
+    with pytest.raises(p3.Phi3Error, match=r"max_len must be in 1..max_position_embeddings=64, got 10.5"):
+        model.new_cache(1, max_len=10.5)
+
+
+def test_device_that_is_not_cpu_or_cuda(folder):
+    with pytest.raises(p3.Phi3Error, match="device 'meta' is not supported; expected 'cpu', 'cuda' or 'cuda:N'"):
+        p3.Phi3ForCausalLM.from_pretrained(folder, device="meta")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
+        ("hidden_size", "64", "hidden_size must be a positive integer, got '64'"),
+        ("sliding_window", "8", "sliding_window must be null or an integer >= 1, got '8'"),
+        ("num_key_value_heads", 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ],
+)
+def test_config_values_are_checked(folder, field, value, message):
+    d = json.loads((folder / "config.json").read_text())
+    d[field] = value
+    (folder / "config.json").write_text(json.dumps(d))
+    with pytest.raises(p3.Phi3Error, match=f"config {folder / 'config.json'}: {message}"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_tied_checkpoint_that_also_stores_the_head(checkpoints, tmp_path):
+    """Some exports of tied models (Phi-4-mini) also write lm_head.weight: the embedding is used, as in transformers."""
+    src, hf = checkpoints("tiny-longrope")
+    shutil.copy(src / "config.json", tmp_path)
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors")
+    seen = []
+    model = p3.Phi3ForCausalLM.from_pretrained(tmp_path, progress=lambda done, total: seen.append((done, total)))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert seen[-1][0] == seen[-1][1]  # the progress count reaches its total

@@ -121,3 +121,44 @@ def test_stories260k_decodes_200_tokens_the_same_with_and_without_cache():
 
     hf = transformers.Phi3ForCausalLM.from_pretrained(STORIES, attn_implementation="eager").eval()
     assert torch.equal(hf_generate(hf, bos, 200, eos=[]), with_cache)
+
+
+def test_left_padded_batch_across_the_longrope_switch_matches_transformers(checkpoints):
+    """In a batch, LongRoPE picks its factors from the longest row and rebuilds the cache when the
+    padded width passes original_max, for every row at once: exactly what transformers does."""
+    folder, hf = checkpoints("tiny-longrope")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    torch.manual_seed(6)
+    ids = torch.randint(3, 256, (2, SMALL_ORIGINAL_MAX - 3))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0  # row 1: 9 real tokens
+    batch = p3.generate(model, ids, 10, eos_token_id=[], attention_mask=mask)
+    assert torch.equal(batch, hf_generate(hf, ids, 10, eos=[], mask=mask))
+    assert torch.equal(p3.generate(model, ids, 10, use_cache=False, eos_token_id=[], attention_mask=mask), batch)
+
+
+def test_stream_yields_before_computing_the_next_step(checkpoints, monkeypatch):
+    folder, _ = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    calls = []
+    forward = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    stream = p3.stream_tokens(model, torch.randint(3, 256, (1, 4)), 10, eos_token_id=[])
+    next(stream)
+    assert len(calls) == 1  # only the prefill has run
+    next(stream)
+    assert len(calls) == 2
+
+
+def test_fp16_left_padding_gives_no_nan(checkpoints):
+    """A row of padding has every key masked; the mask is added in fp32 so fp16 cannot overflow to NaN."""
+    folder, _ = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder, dtype="fp16")
+    ids = torch.randint(3, 256, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)
+    assert torch.isfinite(logits[mask.bool()]).all()
+    reference = p3.Phi3ForCausalLM.from_pretrained(folder)(ids[:1, 5:])
+    assert (logits[0, 5:].float() - reference[0]).abs().max() < 0.05

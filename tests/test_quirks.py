@@ -29,7 +29,7 @@ def random_model(config: p3.Phi3Config) -> p3.Phi3ForCausalLM:
 
 def test_sliding_window_query_sees_exactly_W_keys_itself_included():
     """Window W = 4: query q sees keys q-3..q. Microsoft's first code allowed W + 1 keys; transformers does not."""
-    allowed = causal_mask(10, 0, None, 4, 1, torch.float32, "cpu")[0] == 0  # (T, S)
+    allowed = causal_mask(10, 0, None, 4, 1, "cpu")[0] == 0  # (T, S)
     assert allowed.sum(-1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
     assert allowed[9, 6:10].all() and not allowed[9, :6].any()
     # End to end with one layer: the token W positions back no longer reaches the last logit.
@@ -110,7 +110,7 @@ def test_gqa_query_head_reads_kv_head_h_div_groups():
     torch.nn.init.normal_(attn.qkv_proj.weight)
     x = torch.randn(1, 6, 64)
     cos, sin = Phi3RotaryEmbedding(config)(torch.arange(6)[None], torch.float32)
-    mask = causal_mask(6, 0, None, None, 1, torch.float32, "cpu")
+    mask = causal_mask(6, 0, None, None, 1, "cpu")
     with torch.no_grad():
         ours = attn(x, cos, sin, mask, None)
         # Reference: copy each kv head to its 4 query heads and run plain multi-head attention.

@@ -52,7 +52,7 @@ def test_seed_makes_generation_reproducible(checkpoints):
 
 
 def test_bad_sampling_arguments():
-    with pytest.raises(p3.Phi3Error, match="temperature must be >= 0"):
+    with pytest.raises(p3.Phi3Error, match="temperature must be a number >= 0"):
         p3.generation.check_sampling(-1.0, None, None)
     with pytest.raises(p3.Phi3Error, match="top_k must be a positive integer or None, got 0"):
         p3.generation.check_sampling(1.0, 0, None)
