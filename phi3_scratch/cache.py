@@ -64,9 +64,6 @@ class KVCache:
         """Forget every position (the tensors stay allocated and are overwritten next time)."""
         self.length = 0
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def __repr__(self) -> str:
         b, h, n, d = self.keys[0].shape
         return (

@@ -89,19 +89,24 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, device) -> torch.Tensor:
     return torch.tensor([tokenizer.encode(text)], device=device)  # (1, T)
 
 
-def stream_text(model, tokenizer, ids, args) -> list[int]:
-    """Print the new text as it is produced; return the new ids (stop token excluded)."""
+def stream_text(model, tokenizer, ids, args, new: list[int] | None = None) -> list[int]:
+    """Print the new text as it is produced; return the new ids (stop token excluded).
+
+    `new`, if given, receives the ids as they come, so a caller still has them after Ctrl-C.
+    """
+    new = [] if new is None else new
     stops = stop_ids(model, tokenizer)
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
-    new = []
-    for token in stream_tokens(model, ids, args.max_new_tokens, use_cache=not args.no_cache, eos_token_id=stops,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-        token = int(token[0])
-        if token in stops:
-            break
-        new.append(token)
-        print(decoder.push(token), end="", flush=True)
-    print(flush=True)
+    try:
+        for token in stream_tokens(model, ids, args.max_new_tokens, use_cache=not args.no_cache, eos_token_id=stops,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+            token = int(token[0])
+            if token in stops:
+                break
+            new.append(token)
+            print(decoder.push(token), end="", flush=True)
+    finally:  # also on Ctrl-C: the bytes of an unfinished character, then the line end
+        print(decoder.finish(), flush=True)
     return new
 
 
@@ -116,8 +121,10 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     model, tokenizer = load(args)
-    log("chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves")
+    log("chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves; "
+        "Ctrl-C stops a reply")
     history: list[dict] = []
+    limit = model.config.max_position_embeddings - args.max_new_tokens  # room left for the prompt
     while True:
         try:
             line = input("you> ").strip()
@@ -132,19 +139,22 @@ def cmd_chat(args) -> None:
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
-        limit = model.config.max_position_embeddings - args.max_new_tokens
-        while True:  # drop the oldest turns until the conversation fits
-            ids = tokenizer.encode(tokenizer.apply_chat_template(history))
-            if len(ids) <= limit or len(history) == 1:
-                break
-            history = history[2:]
+        turn = history + [{"role": "user", "content": line}]
+        ids = tokenizer.encode(tokenizer.apply_chat_template(turn))
+        while len(ids) > limit and len(turn) > 1:  # forget the oldest exchange until it fits
+            turn = turn[2:]
+            ids = tokenizer.encode(tokenizer.apply_chat_template(turn))
         if len(ids) > limit:
-            raise Phi3Error(f"the message is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} "
-                            f"at most {limit} fit in the model's {model.config.max_position_embeddings} positions")
+            log(f"error: that message is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} at most "
+                f"{limit} fit in the model's {model.config.max_position_embeddings} positions. Try a shorter one.")
+            continue
         print("assistant> ", end="", flush=True)
-        reply = stream_text(model, tokenizer, torch.tensor([ids], device=model.lm_head.weight.device), args)
-        history.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
+        reply: list[int] = []
+        try:
+            stream_text(model, tokenizer, torch.tensor([ids], device=model.lm_head.weight.device), args, reply)
+        except KeyboardInterrupt:
+            log("[reply stopped]")  # the conversation goes on with the part that was written
+        history = turn + [{"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)}]
 
 
 def cmd_arch(args, model=None) -> None:
@@ -208,6 +218,7 @@ def cmd_bench(args, loaded=None) -> None:
 
 
 def cmd_tour(args) -> None:
+    step = lambda **changes: argparse.Namespace(**{**vars(args), **changes})  # args for one step
     print("== 1. Load: the config, then each weight tensor, straight onto the device ==")
     model, tokenizer = load(args)
     print(f"\n== 2. Generate: {args.prompt!r} in the chat template, greedy, {args.max_new_tokens} new tokens, "
@@ -217,11 +228,9 @@ def cmd_tour(args) -> None:
     print("\n== 3. Architecture: embedding, decoder layers (attention + MLP), final norm, head ==")
     cmd_arch(args, model)
     print("\n== 4. Next token: run the body (model.model), then the head (lm_head) on the last position ==")
-    args.top_k, args.chat = 5, True
-    cmd_next_token(args, (model, tokenizer))
+    cmd_next_token(step(top_k=5, chat=True), (model, tokenizer))
     print("\n== 5. KV cache: the same generation timed with and without it ==")
-    args.max_new_tokens = min(args.max_new_tokens, 50)
-    cmd_bench(args, (model, tokenizer))
+    cmd_bench(step(chat=True, max_new_tokens=min(args.max_new_tokens, 50)), (model, tokenizer))
 
 
 # --------------------------------------------------------------------------------------- main
@@ -275,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except Phi3Error as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a cache folder that cannot be written, a full disk, ...
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)

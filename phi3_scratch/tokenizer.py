@@ -261,6 +261,12 @@ class StreamDecoder:
             text = text[1:] if text.startswith(" ") else text
         return text
 
+    def finish(self) -> str:
+        """Call when generation ends: the bytes of a character left unfinished, as U+FFFD each."""
+        text, self._held = "\ufffd" * self._held, 0
+        self._utf8.reset()
+        return text
+
 
 def _utf8(run: bytearray) -> str:
     try:

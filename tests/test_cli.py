@@ -32,15 +32,32 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_generate_prints_only_the_new_text_of_p3_generate(tiny, capsys):
+def recording(monkeypatch):
+    """Wrap the CLI's stream_tokens so a test sees the ids it produced."""
+    import phi3_scratch.cli as cli
+
+    seen, real = [], cli.stream_tokens
+
+    def wrapped(*args, **kwargs):
+        for token in real(*args, **kwargs):
+            seen.append(int(token[0]))
+            yield token
+
+    monkeypatch.setattr(cli, "stream_tokens", wrapped)
+    return seen
+
+
+def test_generate_prints_only_the_new_text_of_p3_generate(tiny, capsys, monkeypatch):
+    seen = recording(monkeypatch)
     code, out, err = run(capsys, "generate", "The KV cache", "--model", tiny, "--max-new-tokens", 30)
     assert code == 0 and "loaded" in err and "parameters" in err
     model, tok = p3.Phi3ForCausalLM.from_pretrained(tiny), Tokenizer.from_pretrained(tiny)
     ids = torch.tensor([tok.encode("The KV cache")])
     stops = sorted(set(model.config.stop_token_ids) | set(tok.stop_ids))
     new = p3.generate(model, ids, 30, eos_token_id=stops)[0, ids.shape[1]:].tolist()
+    assert seen == new  # the same ids as the API
     new = new[:-1] if new and new[-1] in stops else new
-    assert out == tok.decode(new, skip_special_tokens=True) + "\n"
+    assert out == tok.decode(new, skip_special_tokens=True) + "\n"  # and only their text
 
 
 def test_generate_with_chat_template_and_no_cache_agree(tiny, capsys):
@@ -142,6 +159,27 @@ def test_tour_on_the_built_in_tiny_model_from_a_fresh_cache(tmp_path):
     assert losses["final_loss"] < losses["first_loss"] / 2  # it has learned something
 
 
+def test_chat_survives_a_too_long_message_and_ctrl_c(tiny, capsys, monkeypatch):
+    import phi3_scratch.cli as cli
+
+    lines = iter(["word " * 300, "What does generate do?", "What does sample do?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    real, calls = cli.stream_tokens, []
+
+    def interrupt_first_reply(*args, **kwargs):
+        calls.append(1)
+        for n, token in enumerate(real(*args, **kwargs)):
+            if len(calls) == 1 and n == 3:
+                raise KeyboardInterrupt
+            yield token
+
+    monkeypatch.setattr(cli, "stream_tokens", interrupt_first_reply)
+    code, out, err = run(capsys, "chat", "--model", tiny, "--max-new-tokens", 15)
+    assert code == 0
+    assert "error: that message is" in err and "Try a shorter one" in err
+    assert "[reply stopped]" in err and out.count("assistant> ") == 2
+
+
 def test_ctrl_c_stops_cleanly_and_keeps_the_text(tiny, capsys, monkeypatch):
     import phi3_scratch.cli as cli
 
@@ -160,3 +198,13 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_text(tiny, capsys, monkeypatch):
     first5 = p3.generate(model, ids, 5, eos_token_id=[])[0, ids.shape[1]:].tolist()
     assert code == 130 and err.rstrip().endswith("[stopped]")
     assert out.startswith(tok.decode(first5, skip_special_tokens=True))
+
+
+def test_repo_id_that_is_neither_local_nor_reachable(capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    code, out, err = run(capsys, "arch", "--model", "someone/no-such-model")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "there is no local folder 'someone/no-such-model', and it could not be downloaded" in err

@@ -309,3 +309,14 @@ def test_error_ids_out_of_range(tok):
 def test_error_bad_messages(tok, messages):
     with pytest.raises(Phi3Error, match=r"apply_chat_template\(messages\)"):
         tok.apply_chat_template(messages)
+
+
+@needs_tokenizer
+def test_stream_decoder_finish_flushes_an_unfinished_character(tok):
+    ids = tok.encode("ok 👍")  # the emoji is four byte pieces
+    cut = ids[:-1]  # generation stopped inside the character
+    dec = tok.stream_decoder()
+    streamed = "".join(dec.push(i) for i in cut)
+    assert streamed == "ok "
+    assert streamed + dec.finish() == tok.decode(cut) == "ok \ufffd\ufffd\ufffd"
+    assert dec.finish() == ""
