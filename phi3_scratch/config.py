@@ -183,12 +183,12 @@ class Phi3Config:
         """Read `folder/config.json`, and the stop ids of `folder/generation_config.json` if present."""
         folder = Path(folder)
         path = folder / "config.json"
-        config = cls.from_dict(_read_json(path), source=str(path))
-        gen_path = folder / "generation_config.json"
-        if gen_path.is_file():
-            stop_ids = _as_id_list(_read_json(gen_path).get("eos_token_id"))
-            if stop_ids:
-                config.stop_token_ids = stop_ids
+        if not path.is_file():
+            raise Phi3Error(f"{path} not found: a Phi-3 checkpoint folder must contain config.json")
+        config = cls.from_dict(read_json(path), source=str(path))
+        stop_ids = _as_id_list(read_json(folder / "generation_config.json", {}).get("eos_token_id"))
+        if stop_ids:
+            config.stop_token_ids = stop_ids
         return config
 
 
@@ -198,10 +198,16 @@ def _as_id_list(ids: int | list[int] | None) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, default: dict | None = None) -> dict:
+    """The JSON object in `path`; `default` when the file is absent (without one, absence is an error)."""
     if not path.is_file():
-        raise Phi3Error(f"{path} not found: a Phi-3 checkpoint folder must contain config.json")
+        if default is not None:
+            return default
+        raise Phi3Error(f"{path} not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise Phi3Error(f"{path} is not valid JSON: {e}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Phi3Error(f"{path} is not valid JSON ({e}); expected a JSON object") from None
+    if not isinstance(data, dict):
+        raise Phi3Error(f"{path} holds a JSON {type(data).__name__}; expected a JSON object")
+    return data

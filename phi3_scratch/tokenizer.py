@@ -36,6 +36,7 @@ import sentencepiece as spm
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .config import read_json
 from .errors import Phi3Error
 
 # Phi-3-mini's template: <|role|>\n{content}<|end|>\n per message, then the assistant's turn.
@@ -117,7 +118,7 @@ class Tokenizer:
             sp.Load(str(model))
         except (OSError, RuntimeError) as e:
             raise Phi3Error(f"{model} is not a readable sentencepiece model ({e})") from None
-        config = _read_json(folder / "tokenizer_config.json")
+        config = read_json(folder / "tokenizer_config.json", {})
         for key, kind in (("add_bos_token", bool), ("add_eos_token", bool), ("chat_template", str)):
             if config.get(key) is not None and not isinstance(config[key], kind):
                 raise Phi3Error(f"{folder / 'tokenizer_config.json'}: {key} is {config[key]!r:.100}; "
@@ -279,26 +280,14 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Phi3Error(f"{path} is not valid JSON ({e}); expected a JSON object") from None
-    if not isinstance(data, dict):
-        raise Phi3Error(f"{path} holds a JSON {type(data).__name__}; expected a JSON object")
-    return data
-
-
 def _added_tokens(folder: Path, config: dict) -> list[AddedToken]:
     """From tokenizer_config.json's added_tokens_decoder, else added_tokens.json, else tokenizer.json."""
     if "added_tokens_decoder" in config:
         where, raw = "tokenizer_config.json: added_tokens_decoder", config["added_tokens_decoder"]
     elif (folder / "added_tokens.json").is_file():
-        where, raw = "added_tokens.json", _read_json(folder / "added_tokens.json")
+        where, raw = "added_tokens.json", read_json(folder / "added_tokens.json")
     else:
-        where, raw = "tokenizer.json: added_tokens", _read_json(folder / "tokenizer.json").get("added_tokens", [])
+        where, raw = "tokenizer.json: added_tokens", read_json(folder / "tokenizer.json", {}).get("added_tokens", [])
     try:
         if where == "added_tokens.json":  # {content: id}, no flags: special, no stripping
             entries = [{"content": content, "id": i} for content, i in raw.items()]
