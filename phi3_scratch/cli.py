@@ -6,6 +6,10 @@
     next-token PROMPT  run the body, then the head: the top-k candidates for the next token
     bench PROMPT       the same generation timed with and without the KV cache
     tour               all of the above in order, each with a one-line explanation
+    step PROMPT        decode one token at a time, choosing among the top-k yourself
+    lens PROMPT        the logit lens: what each layer would predict if it were the last
+    attention PROMPT   the attention probabilities as a heatmap (PNG; needs matplotlib)
+    compare            this model and transformers' on the same weights, intermediate by intermediate
 
 Every command takes --model (a folder, a Hugging Face repo id, or `tiny`: a small model this
 project trains for itself, see tiny.py), --device and --dtype.
@@ -50,14 +54,17 @@ def log(message: str = "", end: str = "\n") -> None:
 # ------------------------------------------------------------------------------------ loading
 
 
-def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
-    start = time.perf_counter()
+def model_folder(args):
     if args.model == "tiny":
         from .tiny import tiny_folder
 
-        folder = tiny_folder()
-    else:
-        folder = resolve_checkpoint(args.model)  # a repo id downloads here, with huggingface-hub's bars
+        return tiny_folder()
+    return resolve_checkpoint(args.model)  # a repo id downloads here, with huggingface-hub's bars
+
+
+def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
+    start = time.perf_counter()
+    folder = model_folder(args)
     tokenizer = Tokenizer.from_pretrained(folder)  # first: a folder without one fails before the weights load
     log(f"loading {args.model} ({folder}) onto {args.device}")
 
@@ -233,6 +240,96 @@ def cmd_tour(args) -> None:
     cmd_bench(step(chat=True, max_new_tokens=min(args.max_new_tokens, 50)), (model, tokenizer))
 
 
+def cmd_step(args) -> None:
+    from .stepping import Stepper
+
+    model, tokenizer = load(args)
+    prompt = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)[0].tolist()
+    stepper = Stepper(model, prompt, tokenizer=tokenizer, top_k=args.top_k)
+    stops = stop_ids(model, tokenizer)
+    print("Enter takes the most likely token, a number picks that candidate, q quits.")
+    record = stepper.record()
+    for _ in range(args.max_new_tokens):
+        print(f"\nposition {record.position}, KV cache holds {record.cache_length} positions; candidates:")
+        for n, c in enumerate(record.candidates):
+            print(f"  [{n}] {c.token_id:>6d}  {c.text!r:20s} logit {c.logit:8.3f}  prob {c.prob:6.1%}")
+        try:
+            answer = input("> ").strip()
+        except EOFError:
+            answer = "q"
+        if answer == "q":
+            break
+        if answer and not (answer.isdigit() and int(answer) < len(record.candidates)):
+            log(f"expected Enter, q or a number 0..{len(record.candidates) - 1}, got {answer!r}")
+            continue
+        chosen = record.candidates[int(answer) if answer else 0].token_id
+        record = stepper.choose(chosen)
+        print("text: " + tokenizer.decode(stepper.ids[len(prompt):], skip_special_tokens=False))
+        if chosen in stops:
+            print("(that is a stop token: generate would end here)")
+    print(f"\n{len(stepper.ids) - len(prompt)} tokens chosen: {stepper.ids[len(prompt):]}")
+
+
+def cmd_lens(args) -> None:
+    from .tracing import logit_lens
+
+    model, tokenizer = load(args)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
+    lens = logit_lens(model, ids)[:, 0]  # (layers, T, V): each layer's residual through the final norm and head
+    probs = lens.softmax(-1)
+    final = int(lens[-1, -1].argmax())
+    piece = lambda i: repr(tokenizer.id_to_piece(i))
+    if not args.all_positions:
+        print(f"last position ({ids.shape[1] - 1}); the model's prediction is {final} {piece(final)}")
+        print(f"{'layer':>5s}  {'top token':24s}{'prob':>8s}   prob of {piece(final)}")
+        for layer in range(lens.shape[0]):
+            top = int(lens[layer, -1].argmax())
+            print(f"{layer:>5d}  {f'{top} {piece(top)}':24s}{probs[layer, -1, top]:>8.1%}   {probs[layer, -1, final]:>8.1%}")
+        return
+    tokens = ids[0].tolist()
+    width = max(8, *(len(piece(t)) + 1 for t in tokens))
+    print("top token of each layer (rows) at each position (columns: the input token there)")
+    print(f"{'':>5s}  " + "".join(f"{piece(t):>{width}s}" for t in tokens))
+    for layer in range(lens.shape[0]):
+        tops = lens[layer].argmax(-1).tolist()
+        print(f"{layer:>5d}  " + "".join(f"{piece(t):>{width}s}" for t in tops))
+
+
+def cmd_attention(args) -> None:
+    from .plotting import attention_figure, attention_maps, save_attention_png
+    from .tracing import trace
+
+    layer = args.layer if args.layer == "all" else int(args.layer) if args.layer.isdigit() else None
+    if layer is None:
+        raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")
+    model, tokenizer = load(args)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
+    with torch.no_grad(), trace(model) as t:
+        model(ids)
+    labels = [tokenizer.id_to_piece(i) for i in ids[0].tolist()]
+    maps = attention_maps(t, layer, args.head)
+    width, height = save_attention_png(attention_figure(maps, labels, labels), args.out)
+    print(f"wrote {args.out} ({width}x{height} pixels): {', '.join(title for title, _ in maps)}")
+
+
+def cmd_compare(args) -> None:
+    from .tracing import compare_with_transformers, default_tolerance, format_comparison
+
+    try:
+        import transformers
+    except ImportError:
+        raise Phi3Error("compare runs transformers beside this model: pip install transformers") from None
+    model, tokenizer = load(args)
+    weight = model.lm_head.weight
+    log(f"loading transformers' Phi3ForCausalLM (eager attention) from the same folder, {weight.dtype}")
+    hf = transformers.Phi3ForCausalLM.from_pretrained(model_folder(args), dtype=weight.dtype,
+                                                      attn_implementation="eager").to(weight.device).eval()
+    ids = encode_prompt(tokenizer, args.prompt, args.chat, weight.device)
+    tolerance = args.tolerance or default_tolerance(weight.dtype)
+    print(f"{ids.shape[1]} tokens, {weight.dtype} on {weight.device}")
+    print(format_comparison(compare_with_transformers(model, hf, ids, tolerance), tolerance))
+
+
 # --------------------------------------------------------------------------------------- main
 
 
@@ -267,11 +364,28 @@ def build_parser() -> Parser:
     p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
     p.add_argument("--prompt", default=TOUR_PROMPT)
     p.add_argument("--runs", type=positive_int, default=2)
+    p = sub.add_parser("step", parents=[common, chat], help="decode one token at a time, your choice")
+    p.add_argument("prompt")
+    p.add_argument("--top-k", type=positive_int, default=5)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p = sub.add_parser("lens", parents=[common, chat], help="the logit lens: each layer's best guess")
+    p.add_argument("prompt")
+    p.add_argument("--all-positions", action="store_true", help="a table of every position, not just the last")
+    p = sub.add_parser("attention", parents=[common, chat], help="attention heatmap as a PNG")
+    p.add_argument("prompt")
+    p.add_argument("--layer", default="0", help="a layer number, or 'all' for every layer's mean over heads")
+    p.add_argument("--head", type=int, default=None, help="one head (default: every head of the layer)")
+    p.add_argument("--out", default="attention.png")
+    p = sub.add_parser("compare", parents=[common, chat], help="every intermediate against transformers")
+    p.add_argument("--prompt", default="The KV cache keeps the keys and values of earlier tokens.")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest relative difference accepted (default 1e-5 in fp32, 2e-2 in bf16/fp16)")
     return parser
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "arch": cmd_arch, "next-token": cmd_next_token,
-            "bench": cmd_bench, "tour": cmd_tour}
+            "bench": cmd_bench, "tour": cmd_tour, "step": cmd_step, "lens": cmd_lens, "attention": cmd_attention,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def stream_tokens(
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + step + 1): the new token is real
         if cache is None:
             logits = last_logits(model, seq, None, mask)  # the whole sequence again
-        elif _crosses_longrope_switch(config, cache, seq.shape[1]):
+        elif crosses_longrope_switch(config, cache, seq.shape[1]):
             # The cached keys were rotated with the short factors. Now that the sequence is longer
             # than the original context, every key must use the long factors: start over with one
             # forward over the whole sequence, as transformers' generate does.
@@ -139,7 +139,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, t
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
-def _crosses_longrope_switch(config, cache, seq_len: int) -> bool:
+def crosses_longrope_switch(config, cache, seq_len: int) -> bool:
     original = config.original_max_position_embeddings
     return config.rope_type == "longrope" and cache.length <= original < seq_len
 

@@ -83,6 +83,7 @@ class Phi3Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor,  # (B, T, S) fp32, additive: 0 where allowed, most negative finite value elsewhere
         cache: KVCache | None,
+        trace: dict | None = None,  # when given, receives q, k, v and the attention probabilities
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)  # (B, T, nH*hd), (B, T, nKV*hd) x2
@@ -93,6 +94,8 @@ class Phi3Attention(nn.Module):
         # Rotate q and k by their positions BEFORE caching: cached keys never need rotating again.
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if trace is not None:
+            trace.update(q=q, k=k, v=v)  # after rotary; the new positions only
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nKV, S, hd): earlier positions + these
 
@@ -103,6 +106,8 @@ class Phi3Attention(nn.Module):
         # value would overflow to -inf, and a row of padding with every key masked would give NaN.
         scores = scores.float() + mask[:, None, None]  # (B, nKV, groups, T, S), mask broadcast over heads
         probs = F.softmax(scores, dim=-1).to(q.dtype)  # (B, nKV, groups, T, S), rows sum to 1
+        if trace is not None:
+            trace["attn_probs"] = probs.reshape(B, self.num_heads, T, -1)  # (B, nH, T, S): what was used
         out = probs @ v  # (B, nKV, groups, T, hd)
         out = out.reshape(B, self.num_heads, T, self.head_dim)  # (B, nH, T, hd), head h = g*groups + r
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # heads side by side
@@ -133,9 +138,17 @@ class Phi3DecoderLayer(nn.Module):
         self.input_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)  # (B, T, H)
-        h = h + self.mlp(self.post_attention_layernorm(h))  # (B, T, H)
+    def forward(self, h, cos, sin, mask, cache, trace: dict | None = None):
+        if trace is None:  # the plain path: what runs unless someone is tracing
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)  # (B, T, H)
+            return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, H)
+        # The same computation, with every intermediate kept (see tracing.py).
+        trace["input_norm"] = x = self.input_layernorm(h)
+        trace["attn_out"] = a = self.self_attn(x, cos, sin, mask, cache, trace)
+        trace["attn_residual"] = h = h + a
+        trace["post_attn_norm"] = x = self.post_attention_layernorm(h)
+        trace["mlp_out"] = m = self.mlp(x)
+        trace["residual"] = h = h + m
         return h
 
 
@@ -149,6 +162,7 @@ class Phi3Model(nn.Module):
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
+        self.trace = None  # set by tracing.trace(model): where forward records its intermediates
 
     def forward(
         self,
@@ -169,13 +183,19 @@ class Phi3Model(nn.Module):
         positions = position_ids(B, T, past, attention_mask, input_ids.device)  # (B, T)
         mask = causal_mask(T, past, attention_mask, self.config.sliding_window, B, input_ids.device)  # (B, T, S)
 
+        trace = self.trace  # a tracing.Trace while `with p3.trace(model)` is active, else None
         h = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (B, T, rotary_dim) each
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)  # (B, T, H)
+        if trace is not None:
+            trace.update(embed=h, positions=positions, mask=mask)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, None if trace is None else trace.layers[i])  # (B, T, H)
         if cache is not None:
             cache.advance(T)
-        return self.norm(h)  # (B, T, H)
+        h = self.norm(h)  # (B, T, H)
+        if trace is not None:
+            trace["final_norm"] = h
+        return h
 
 
 class Phi3ForCausalLM(nn.Module):
@@ -195,7 +215,10 @@ class Phi3ForCausalLM(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, cache length + T)
     ) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids, cache, attention_mask))  # (B, T, V)
+        logits = self.lm_head(self.model(input_ids, cache, attention_mask))  # (B, T, V)
+        if self.model.trace is not None:
+            self.model.trace["logits"] = logits
+        return logits
 
     def new_cache(self, batch_size: int = 1, *, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` positions."""

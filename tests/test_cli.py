@@ -208,3 +208,45 @@ def test_repo_id_that_is_neither_local_nor_reachable(capsys, monkeypatch, tmp_pa
     code, out, err = run(capsys, "arch", "--model", "someone/no-such-model")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "there is no local folder 'someone/no-such-model', and it could not be downloaded" in err
+
+
+def test_step_walks_with_enter_numbers_and_q(tiny, capsys, monkeypatch):
+    answers = iter(["", "2", "x", "", "q"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    code, out, err = run(capsys, "step", "The model", "--model", tiny, "--top-k", 4)
+    assert code == 0 and "expected Enter, q or a number 0..3, got 'x'" in err
+    tables = [[int(line.split()[1]) for line in block.splitlines()[1:] if line.strip().startswith("[")]
+              for block in out.split("position ")[1:]]
+    chosen = [tables[0][0], tables[1][2], tables[2][0]]  # Enter, "2", ("x" asks again), Enter
+    assert out.strip().endswith(f"3 tokens chosen: {chosen}")
+    model, tok = p3.Phi3ForCausalLM.from_pretrained(tiny), Tokenizer.from_pretrained(tiny)
+    stepper = p3.Stepper(model, tok.encode("The model"), top_k=4)
+    assert [c.token_id for c in stepper.record().candidates] == tables[0]
+
+
+def test_lens_shows_every_layer_and_ends_at_the_prediction(tiny, capsys):
+    code, out, _ = run(capsys, "lens", "The model", "--model", tiny)
+    model, tok = p3.Phi3ForCausalLM.from_pretrained(tiny), Tokenizer.from_pretrained(tiny)
+    with torch.no_grad():
+        final = int(model(torch.tensor([tok.encode("The model")]))[0, -1].argmax())
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+ ", line)]
+    assert code == 0 and len(rows) == model.config.num_hidden_layers
+    assert int(rows[-1][1]) == final and f"prediction is {final}" in out
+    code, out, _ = run(capsys, "lens", "The model", "--model", tiny, "--all-positions")
+    assert code == 0 and len(out.strip().splitlines()) == 2 + model.config.num_hidden_layers
+
+
+def test_attention_writes_the_picture(tiny, capsys, tmp_path):
+    out_file = tmp_path / "att.png"
+    code, out, _ = run(capsys, "attention", "The model", "--model", tiny, "--layer", "all", "--out", out_file)
+    assert code == 0 and out_file.stat().st_size > 0
+    assert re.search(r"\(\d+x\d+ pixels\): layer 0, mean of 4 heads, .*layer 3, mean of 4 heads", out)
+    code, _, err = run(capsys, "attention", "The model", "--model", tiny, "--layer", "first", "--out", out_file)
+    assert code == 1 and "--layer must be a layer number or 'all', got 'first'" in err
+
+
+def test_compare_command_prints_the_table(tiny, capsys):
+    code, out, _ = run(capsys, "compare", "--model", tiny, "--prompt", "The model")
+    assert code == 0
+    assert re.search(r"^embed\s", out, re.M) and re.search(r"^layers\.3\.residual\s", out, re.M)
+    assert "all within" in out

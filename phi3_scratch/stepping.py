@@ -1,0 +1,100 @@
+"""Step-through decoding: one token at a time, with the choice in your hands.
+
+    stepper = p3.Stepper(model, tokenizer.encode("The KV cache"), tokenizer=tokenizer, top_k=5)
+    record = stepper.record()          # the candidates for the next token, nothing chosen yet
+    record = stepper.choose()          # take the argmax ...
+    record = stepper.choose(1234)      # ... or force any token id
+    for record in stepper: ...         # or let it run greedily, a record a step
+
+Each StepRecord says where the next token goes (`position`), how many positions the KV cache
+holds (`cache_length`), the next-token logits and the top-k candidates with their
+probabilities. A forced choice is fed to the model exactly like a sampled one: the cache then
+holds its keys and values, and the next logits follow from it (the tests check both against a
+fresh forward pass of the whole sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import Phi3Error
+from .generation import crosses_longrope_switch, last_logits
+from .model import Phi3ForCausalLM, check_input_ids
+
+
+@dataclass
+class Candidate:
+    token_id: int
+    text: str  # the token's piece ("▁cache"), or "" without a tokenizer
+    logit: float
+    prob: float
+
+
+@dataclass
+class StepRecord:
+    position: int  # where the next token will go (= the number of tokens so far)
+    cache_length: int  # positions the KV cache holds
+    logits: torch.Tensor  # (V,) fp32: the next-token logits
+    candidates: list[Candidate]  # the top-k, most likely first
+    chosen: int | None = None  # the token that was appended to reach this step (None at the start)
+    chosen_text: str = ""  # its piece
+
+    @property
+    def argmax(self) -> int:
+        return self.candidates[0].token_id
+
+
+class Stepper:
+    def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_len: int | None = None):
+        ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device).reshape(1, -1).long()  # (1, T)
+        check_input_ids(ids, model.config.vocab_size)
+        if not isinstance(top_k, int) or top_k < 1:
+            raise Phi3Error(f"top_k must be a positive integer, got {top_k!r}")
+        self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
+        self.ids: list[int] = ids[0].tolist()  # the whole sequence so far, prompt included
+        max_len = max_len or model.config.max_position_embeddings
+        self.cache = model.new_cache(1, max_len=max_len)
+        with torch.no_grad():
+            self._record = self._make_record(last_logits(model, ids, self.cache, None)[0], None)
+
+    def record(self) -> StepRecord:
+        """The current step: candidates for the next token."""
+        return self._record
+
+    @torch.no_grad()
+    def choose(self, token_id: int | None = None) -> StepRecord:
+        """Append `token_id` (None: the argmax), run one step, and return the next record."""
+        token = self._record.argmax if token_id is None else token_id
+        if not isinstance(token, int) or not 0 <= token < self.model.config.vocab_size:
+            raise Phi3Error(f"token_id must be in 0..{self.model.config.vocab_size - 1}, got {token!r}")
+        if len(self.ids) + 1 > self.cache.max_len:
+            raise Phi3Error(f"the sequence is full: {len(self.ids)} tokens of max_len={self.cache.max_len}")
+        self.ids.append(token)
+        device = self.model.lm_head.weight.device
+        if crosses_longrope_switch(self.model.config, self.cache, len(self.ids)):
+            self.cache.reset()  # keys cached with LongRoPE's short factors: recompute them all (see generation.py)
+            new = torch.tensor([self.ids], device=device)  # (1, T + 1)
+        else:
+            new = torch.tensor([[token]], device=device)  # (1, 1)
+        logits = last_logits(self.model, new, self.cache, None)[0]  # (V,)
+        self._record = self._make_record(logits, token)
+        return self._record
+
+    def __iter__(self):
+        """Greedy steps until the cache is full (stop ids are the caller's business)."""
+        while len(self.ids) < self.cache.max_len:
+            yield self.choose()
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.id_to_piece(token_id) if self.tokenizer is not None else ""
+
+    def _make_record(self, logits: torch.Tensor, chosen: int | None) -> StepRecord:
+        logits = logits.float()  # (V,)
+        probs = logits.softmax(-1)  # (V,)
+        top = logits.topk(min(self.top_k, logits.numel()))
+        candidates = [Candidate(i, self._piece(i), v, probs[i].item())
+                      for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        text = self._piece(chosen) if chosen is not None else ""
+        return StepRecord(len(self.ids), self.cache.length, logits, candidates, chosen, text)

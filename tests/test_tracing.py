@@ -1,0 +1,109 @@
+"""Seeing inside: traces, the logit lens, the comparison with transformers, step-through decoding."""
+
+import math
+
+import pytest
+import torch
+
+import phi3_scratch as p3
+from phi3_scratch.tracing import compare_with_transformers, format_comparison
+
+from .conftest import SMALL_ORIGINAL_MAX
+
+
+@pytest.fixture
+def tiny_gqa(checkpoints):
+    folder, hf = checkpoints("tiny-longrope")  # 6 query heads over 2 kv heads, partial rotary, tied
+    return p3.Phi3ForCausalLM.from_pretrained(folder), hf
+
+
+def test_traced_attention_probabilities_are_the_ones_used(tiny_gqa):
+    model, _ = tiny_gqa
+    ids = torch.randint(3, 256, (2, 10))
+    with torch.no_grad(), p3.trace(model) as t:
+        logits = model(ids)
+    assert model.model.trace is None  # off again after the block
+    with torch.no_grad():
+        assert torch.equal(model(ids), logits)  # tracing changes nothing
+    for i in range(model.config.num_hidden_layers):
+        q, k = t[f"layers.{i}.q"], t[f"layers.{i}.k"]  # (B, 6, T, hd), (B, 2, T, hd)
+        k = k.repeat_interleave(model.config.kv_groups, dim=1)  # query head h reads kv head h // 3
+        scores = q @ k.transpose(-1, -2) / math.sqrt(model.config.head_dim) + t["mask"][:, None]
+        assert torch.allclose(t[f"layers.{i}.attn_probs"], scores.softmax(-1), atol=1e-6)
+        assert torch.allclose(t[f"layers.{i}.residual"],
+                              t[f"layers.{i}.attn_residual"] + t[f"layers.{i}.mlp_out"])
+    assert torch.equal(t["logits"], logits)
+    assert list(t.flat())[0] == "embed" and "layers.1.v" in repr(t)
+
+
+def test_logit_lens_last_layer_is_the_model_output(tiny_gqa):
+    model, _ = tiny_gqa
+    ids = torch.randint(3, 256, (1, 7))
+    lens = p3.logit_lens(model, ids)
+    assert lens.shape == (model.config.num_hidden_layers, 1, 7, model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.allclose(lens[-1], model(ids), atol=1e-5)
+    assert not torch.allclose(lens[0], lens[-1])
+
+
+def test_comparison_with_transformers_agrees_everywhere(tiny_gqa):
+    model, hf = tiny_gqa
+    rows = compare_with_transformers(model, hf, torch.randint(3, 256, (1, 12)))
+    names = [r["name"] for r in rows]
+    assert names[0] == "embed" and names[-1] == "logits" and "layers.1.attn_probs" in names
+    assert all(r["ok"] for r in rows), format_comparison(rows, 1e-5)
+
+
+def test_comparison_points_at_a_planted_bug(tiny_gqa, report):
+    """A wrong RMSNorm eps in layer 1's input norm: the first row above tolerance is that norm."""
+    model, hf = tiny_gqa
+    model.model.layers[1].input_layernorm.eps = 0.5
+    rows = compare_with_transformers(model, hf, torch.randint(3, 256, (1, 12)))
+    first = [r for r in rows if r["first_bad"]]
+    assert len(first) == 1 and first[0]["name"] == "layers.1.input_norm"
+    assert all(r["ok"] for r in rows[: rows.index(first[0])])  # everything before it agrees
+    report(f"compare, planted eps=0.5 in layers.1.input_layernorm: first flagged {first[0]['name']} "
+           f"(relative difference {first[0]['rel']:.2e}); {sum(not r['ok'] for r in rows)} of {len(rows)} above")
+
+
+def test_comparison_in_bf16(checkpoints):
+    folder, _ = checkpoints("tiny-window")
+    import transformers
+
+    model = p3.Phi3ForCausalLM.from_pretrained(folder, dtype="bf16")
+    hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    rows = compare_with_transformers(model, hf, torch.randint(3, 256, (1, 12)))
+    assert all(r["ok"] for r in rows), format_comparison(rows, 2e-2)
+
+
+def test_stepper_greedy_steps_equal_generate(tiny_gqa):
+    model, _ = tiny_gqa
+    prompt = torch.randint(3, 256, (1, SMALL_ORIGINAL_MAX - 3))  # the steps cross the LongRoPE switch
+    expected = p3.generate(model, prompt, 8, eos_token_id=[])[0, prompt.shape[1]:].tolist()
+    stepper = p3.Stepper(model, prompt, top_k=3)
+    chosen = [record.chosen for record, _ in zip(stepper, range(8))]
+    assert chosen == expected
+
+
+def test_stepper_stays_consistent_after_a_forced_choice(tiny_gqa):
+    model, _ = tiny_gqa
+    prompt = torch.randint(3, 256, (9,)).tolist()
+    stepper = p3.Stepper(model, prompt, top_k=4)
+    first = stepper.record()
+    assert first.position == 9 and first.cache_length == 9 and first.chosen is None
+    assert [c.prob for c in first.candidates] == sorted((c.prob for c in first.candidates), reverse=True)
+    forced = first.candidates[2].token_id  # not the argmax
+    record = stepper.choose(forced)
+    stepper.choose()  # and one greedy step after it
+    assert record.chosen == forced and stepper.ids == prompt + [forced, stepper.record().chosen]
+    assert stepper.cache.length == len(stepper.ids) == stepper.record().position
+    with torch.no_grad():  # the cache holds what a fresh pass over the same sequence computes
+        fresh = model.new_cache(1, max_len=32)
+        logits = model(torch.tensor([stepper.ids]), fresh)[0, -1]
+    n = stepper.cache.length
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.allclose(stepper.cache.keys[layer][:, :, :n], fresh.keys[layer][:, :, :n], atol=1e-5)
+        assert torch.allclose(stepper.cache.values[layer][:, :, :n], fresh.values[layer][:, :, :n], atol=1e-5)
+    assert torch.allclose(stepper.record().logits, logits, atol=1e-4)
+    with pytest.raises(p3.Phi3Error, match="token_id must be in 0..255, got 999"):
+        stepper.choose(999)
