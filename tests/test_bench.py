@@ -1,0 +1,30 @@
+"""scripts/bench.py in CI size: every measurement of every implementation comes out as complete JSON.
+
+No timing is asserted here: speed is measured by running the script, not by a unit test.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+KEYS = {"measure", "impl", "config", "device", "dtype", "torch", "tokens", "median_s", "tokens_per_s", "ms_per_token",
+        "runs_s", "ratio_to_transformers_eager", "peak_memory_bytes", "weights_bytes"}
+
+
+def test_bench_script_prints_every_measurement(tmp_path):
+    markdown = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--config", "small", "--runs", "2", "--new-tokens", "4",
+                           "--prompt-len", "8", "--prefill", "16", "--markdown", str(markdown)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {(r["measure"], r["impl"]) for r in rows} == {
+        (m, i) for m in ("decode_cached", "decode_uncached", "prefill_16")
+        for i in ("phi3_scratch", "transformers-eager", "transformers-sdpa")}
+    for r in rows:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert len(r["runs_s"]) == 2 and r["tokens_per_s"] > 0 and r["ratio_to_transformers_eager"] > 0
+    table = markdown.read_text()
+    assert table.count("| decode_cached |") == 3 and "torch " in table
