@@ -192,7 +192,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None) ->
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
-                _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
                 loaded.add(name)
                 if progress:
                     progress(len(loaded), total)
@@ -207,6 +207,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None) ->
     return model.eval()
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make `tensor` itself (no copy) the parameter called `name`, e.g. model.layers.0.mlp.down_proj.weight."""
     module_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))

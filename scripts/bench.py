@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import phi3_scratch as p3
-from phi3_scratch.loading import _set_parameter
+from phi3_scratch.loading import set_parameter
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
 SMALL = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 512,
@@ -77,7 +77,7 @@ def build(args, device, dtype):
         with torch.device("meta"):
             ours = p3.Phi3ForCausalLM(p3.Phi3Config.from_dict(d))
         for name, p in hf.named_parameters():
-            _set_parameter(ours, name, p)  # the same tensor, not a copy
+            set_parameter(ours, name, p)  # the same tensor, not a copy
         if ours.config.tie_word_embeddings:
             ours.lm_head.weight = ours.model.embed_tokens.weight
         ours.model.rotary_emb = type(ours.model.rotary_emb)(ours.config, device=device)
