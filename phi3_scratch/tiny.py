@@ -42,7 +42,7 @@ ADDED_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeho
 SP_VOCAB = 512
 SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, sliding_window=256)
-TRAIN = dict(steps=400, batch=16, seq_len=128, lr=3e-3, seed=0)
+TRAIN = dict(steps=700, batch=16, seq_len=128, lr=3e-3, seed=0)
 VERSION = "1"  # bump when the recipe changes; the corpus and settings are hashed too
 
 
