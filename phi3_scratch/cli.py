@@ -245,7 +245,7 @@ def cmd_step(args) -> None:
 
     model, tokenizer = load(args)
     prompt = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)[0].tolist()
-    stepper = Stepper(model, prompt, tokenizer=tokenizer, top_k=args.top_k)
+    stepper = Stepper(model, prompt, tokenizer=tokenizer, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
     stops = stop_ids(model, tokenizer)
     print("Enter takes the most likely token, a number picks that candidate, q quits.")
     record = stepper.record()

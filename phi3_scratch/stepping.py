@@ -47,15 +47,15 @@ class StepRecord:
 
 
 class Stepper:
-    def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_len: int | None = None):
+    def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_new_tokens: int = 256):
         ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device).reshape(1, -1).long()  # (1, T)
         check_input_ids(ids, model.config.vocab_size)
         if not isinstance(top_k, int) or top_k < 1:
             raise Phi3Error(f"top_k must be a positive integer, got {top_k!r}")
         self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
         self.ids: list[int] = ids[0].tolist()  # the whole sequence so far, prompt included
-        max_len = max_len or model.config.max_position_embeddings
-        self.cache = model.new_cache(1, max_len=max_len)
+        max_len = min(len(self.ids) + max_new_tokens, model.config.max_position_embeddings)
+        self.cache = model.new_cache(1, max_len=max_len)  # sized for the prompt + max_new_tokens
         with torch.no_grad():
             self._record = self._make_record(last_logits(model, ids, self.cache, None)[0], None)
 

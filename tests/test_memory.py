@@ -22,7 +22,8 @@ def test_loading_never_doubles_memory(tmp_path, dtype, report):
     ours = run("measure", tmp_path)
     report(f"load memory, {dtype} checkpoint -> float32: peak growth {ours['peak_over_weights']}x the weights "
            f"({ours['weights_bytes'] / 2**20:.0f} MiB)")
-    assert ours["peak_over_weights"] < 1.2, ours
+    # One copy plus the loader's working memory; a second copy would be 1.5x or more.
+    assert ours["peak_over_weights"] < 1.3, ours
     if dtype == "float32":  # the measurement does see a second copy when there is one
         naive = run("measure", tmp_path, "--naive")
         report(f"load memory, allocate-then-copy loader: peak growth {naive['peak_over_weights']}x the weights")
