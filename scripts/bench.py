@@ -47,12 +47,18 @@ MICRO = {**SMALL, "vocab_size": 2048, "eos_token_id": 2, "pad_token_id": 0, "hid
          "num_key_value_heads": 4}
 
 
+# Phi-3-mini-4k-instruct's shape (3.8B parameters), for machines without shared/fixtures.
+MINI = {**SMALL, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32}
+BUILT_IN = {"small": SMALL, "micro": MICRO, "phi3-mini": MINI}
+
+
 def config_dict(name: str) -> dict:
-    if name in ("small", "micro"):
-        return dict(SMALL if name == "small" else MICRO)
+    if name in BUILT_IN:
+        return dict(BUILT_IN[name])
     path = FIXTURES / name / "config.json"
     if not path.is_file():
-        sys.exit(f"error: --config {name!r}: expected 'small', 'micro' or a folder of {FIXTURES}")
+        sys.exit(f"error: --config {name!r}: expected one of {sorted(BUILT_IN)} or a folder of {FIXTURES}")
     return json.loads(path.read_text())
 
 
@@ -116,7 +122,8 @@ def copy_bandwidth(device) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small",
-                        help="'small' (186 MB of weights), 'micro' (8 MB) or a folder name of shared/fixtures/configs")
+                        help="'small' (186 MB of weights), 'micro' (8 MB), 'phi3-mini' (Phi-3-mini-4k's shape) "
+                             "or a folder name of shared/fixtures/configs")
     parser.add_argument("--checkpoint", help="a real checkpoint folder instead of random weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bf16 on a GPU, fp32 on the CPU")

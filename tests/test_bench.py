@@ -28,3 +28,13 @@ def test_bench_script_prints_every_measurement(tmp_path):
         assert len(r["runs_s"]) == 2 and r["tokens_per_s"] > 0 and r["ratio_to_transformers_eager"] > 0
     table = markdown.read_text()
     assert table.count("| decode_cached |") == 3 and "torch " in table
+
+
+def test_parity_script_reports_both_dtypes():
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro", "--seq-len", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {r["dtype"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert set(rows) == {"fp32", "bf16"}
+    assert rows["fp32"]["max_abs_diff"] < 1e-3 and rows["fp32"]["top1_agreement"] == 1.0
+    assert 0 <= rows["bf16"]["top1_agreement"] <= 1
