@@ -240,6 +240,13 @@ def cmd_tour(args) -> None:
     cmd_bench(step(chat=True, max_new_tokens=min(args.max_new_tokens, 50)), (model, tokenizer))
 
 
+def ask() -> str:
+    try:
+        return input("> ").strip()
+    except EOFError:  # Ctrl-D, or the end of piped input
+        return "q"
+
+
 def cmd_step(args) -> None:
     from .stepping import Stepper
 
@@ -249,24 +256,23 @@ def cmd_step(args) -> None:
     stops = stop_ids(model, tokenizer)
     print("Enter takes the most likely token, a number picks that candidate, q quits.")
     record = stepper.record()
-    for _ in range(args.max_new_tokens):
+    while len(stepper.ids) < stepper.cache.max_len:  # room for max_new_tokens
         print(f"\nposition {record.position}, KV cache holds {record.cache_length} positions; candidates:")
         for n, c in enumerate(record.candidates):
             print(f"  [{n}] {c.token_id:>6d}  {c.text!r:20s} logit {c.logit:8.3f}  prob {c.prob:6.1%}")
-        try:
-            answer = input("> ").strip()
-        except EOFError:
-            answer = "q"
+        answer = ask()
+        while answer not in ("", "q") and not (answer.isdigit() and int(answer) < len(record.candidates)):
+            log(f"expected Enter, q or a number 0..{len(record.candidates) - 1}, got {answer!r}")
+            answer = ask()
         if answer == "q":
             break
-        if answer and not (answer.isdigit() and int(answer) < len(record.candidates)):
-            log(f"expected Enter, q or a number 0..{len(record.candidates) - 1}, got {answer!r}")
-            continue
         chosen = record.candidates[int(answer) if answer else 0].token_id
         record = stepper.choose(chosen)
         print("text: " + tokenizer.decode(stepper.ids[len(prompt):], skip_special_tokens=False))
         if chosen in stops:
             print("(that is a stop token: generate would end here)")
+    else:
+        print("\n(no room left: --max-new-tokens reached, or the model's context is full)")
     print(f"\n{len(stepper.ids) - len(prompt)} tokens chosen: {stepper.ids[len(prompt):]}")
 
 
@@ -275,36 +281,36 @@ def cmd_lens(args) -> None:
 
     model, tokenizer = load(args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
-    lens = logit_lens(model, ids)[:, 0]  # (layers, T, V): each layer's residual through the final norm and head
-    probs = lens.softmax(-1)
-    final = int(lens[-1, -1].argmax())
+    lens = logit_lens(model, ids, all_positions=args.all_positions)[:, 0]  # (layers, [T,] V)
     piece = lambda i: repr(tokenizer.id_to_piece(i))
     if not args.all_positions:
+        probs = lens.softmax(-1)  # (layers, V)
+        final = int(lens[-1].argmax())
         print(f"last position ({ids.shape[1] - 1}); the model's prediction is {final} {piece(final)}")
         print(f"{'layer':>5s}  {'top token':24s}{'prob':>8s}   prob of {piece(final)}")
         for layer in range(lens.shape[0]):
-            top = int(lens[layer, -1].argmax())
-            print(f"{layer:>5d}  {f'{top} {piece(top)}':24s}{probs[layer, -1, top]:>8.1%}   {probs[layer, -1, final]:>8.1%}")
+            top = int(lens[layer].argmax())
+            print(f"{layer:>5d}  {f'{top} {piece(top)}':24s}{probs[layer, top]:>8.1%}   {probs[layer, final]:>8.1%}")
         return
+    tops = lens.argmax(-1).tolist()  # (layers, T): each layer's top token at each position
     tokens = ids[0].tolist()
-    width = max(8, *(len(piece(t)) + 1 for t in tokens))
+    width = max(8, *(len(piece(t)) + 1 for t in tokens + [t for row in tops for t in row]))
     print("top token of each layer (rows) at each position (columns: the input token there)")
     print(f"{'':>5s}  " + "".join(f"{piece(t):>{width}s}" for t in tokens))
-    for layer in range(lens.shape[0]):
-        tops = lens[layer].argmax(-1).tolist()
-        print(f"{layer:>5d}  " + "".join(f"{piece(t):>{width}s}" for t in tops))
+    for layer, row in enumerate(tops):
+        print(f"{layer:>5d}  " + "".join(f"{piece(t):>{width}s}" for t in row))
 
 
 def cmd_attention(args) -> None:
     from .plotting import attention_figure, attention_maps, save_attention_png
     from .tracing import trace
 
-    layer = args.layer if args.layer == "all" else int(args.layer) if args.layer.isdigit() else None
-    if layer is None:
+    if args.layer != "all" and not args.layer.isdigit():
         raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")
+    layer = "all" if args.layer == "all" else int(args.layer)
     model, tokenizer = load(args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
-    with torch.no_grad(), trace(model) as t:
+    with torch.no_grad(), trace(model, only={"attn_probs"}) as t:
         model(ids)
     labels = [tokenizer.id_to_piece(i) for i in ids[0].tolist()]
     maps = attention_maps(t, layer, args.head)
@@ -325,7 +331,7 @@ def cmd_compare(args) -> None:
     hf = transformers.Phi3ForCausalLM.from_pretrained(model_folder(args), dtype=weight.dtype,
                                                       attn_implementation="eager").to(weight.device).eval()
     ids = encode_prompt(tokenizer, args.prompt, args.chat, weight.device)
-    tolerance = args.tolerance or default_tolerance(weight.dtype)
+    tolerance = default_tolerance(weight.dtype) if args.tolerance is None else args.tolerance
     print(f"{ids.shape[1]} tokens, {weight.dtype} on {weight.device}")
     print(format_comparison(compare_with_transformers(model, hf, ids, tolerance), tolerance))
 

@@ -83,7 +83,7 @@ class Phi3Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor,  # (B, T, S) fp32, additive: 0 where allowed, most negative finite value elsewhere
         cache: KVCache | None,
-        trace: dict | None = None,  # when given, receives q, k, v and the attention probabilities
+        trace=None,  # a tracing.Records: receives q, k, v and the attention probabilities
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)  # (B, T, nH*hd), (B, T, nKV*hd) x2
@@ -95,7 +95,7 @@ class Phi3Attention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if trace is not None:
-            trace.update(q=q, k=k, v=v)  # after rotary; the new positions only
+            trace.record(q=q, k=k, v=v)  # after rotary; the new positions only
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nKV, S, hd): earlier positions + these
 
@@ -107,7 +107,7 @@ class Phi3Attention(nn.Module):
         scores = scores.float() + mask[:, None, None]  # (B, nKV, groups, T, S), mask broadcast over heads
         probs = F.softmax(scores, dim=-1).to(q.dtype)  # (B, nKV, groups, T, S), rows sum to 1
         if trace is not None:
-            trace["attn_probs"] = probs.reshape(B, self.num_heads, T, -1)  # (B, nH, T, S): what was used
+            trace.record(attn_probs=probs.reshape(B, self.num_heads, T, -1))  # (B, nH, T, S): what was used
         out = probs @ v  # (B, nKV, groups, T, hd)
         out = out.reshape(B, self.num_heads, T, self.head_dim)  # (B, nH, T, hd), head h = g*groups + r
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # heads side by side
@@ -138,18 +138,17 @@ class Phi3DecoderLayer(nn.Module):
         self.input_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, cache, trace: dict | None = None):
-        if trace is None:  # the plain path: what runs unless someone is tracing
-            h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)  # (B, T, H)
-            return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, H)
-        # The same computation, with every intermediate kept (see tracing.py).
-        trace["input_norm"] = x = self.input_layernorm(h)
-        trace["attn_out"] = a = self.self_attn(x, cos, sin, mask, cache, trace)
-        trace["attn_residual"] = h = h + a
-        trace["post_attn_norm"] = x = self.post_attention_layernorm(h)
-        trace["mlp_out"] = m = self.mlp(x)
-        trace["residual"] = h = h + m
-        return h
+    def forward(self, h, cos, sin, mask, cache, trace=None):
+        x = self.input_layernorm(h)  # (B, T, H)
+        attn_out = self.self_attn(x, cos, sin, mask, cache, trace)  # (B, T, H)
+        h_mid = h + attn_out  # the residual stream after attention
+        x_mid = self.post_attention_layernorm(h_mid)
+        mlp_out = self.mlp(x_mid)  # (B, T, H)
+        h_out = h_mid + mlp_out
+        if trace is not None:  # see tracing.py
+            trace.record(input_norm=x, attn_out=attn_out, attn_residual=h_mid, post_attn_norm=x_mid,
+                         mlp_out=mlp_out, residual=h_out)
+        return h_out
 
 
 class Phi3Model(nn.Module):
@@ -187,14 +186,14 @@ class Phi3Model(nn.Module):
         h = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (B, T, rotary_dim) each
         if trace is not None:
-            trace.update(embed=h, positions=positions, mask=mask)
+            trace.record(embed=h, positions=positions, mask=mask)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, None if trace is None else trace.layers[i])  # (B, T, H)
         if cache is not None:
             cache.advance(T)
         h = self.norm(h)  # (B, T, H)
         if trace is not None:
-            trace["final_norm"] = h
+            trace.record(final_norm=h)
         return h
 
 
@@ -217,7 +216,7 @@ class Phi3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         logits = self.lm_head(self.model(input_ids, cache, attention_mask))  # (B, T, V)
         if self.model.trace is not None:
-            self.model.trace["logits"] = logits
+            self.model.trace.record(logits=logits)
         return logits
 
     def new_cache(self, batch_size: int = 1, *, max_len: int) -> KVCache:

@@ -106,7 +106,7 @@ def _ticks(labels: list[str]) -> tuple[list[int], list[str]]:
     """Every label, or every k-th one when there are more than MAX_LABELS."""
     step = math.ceil(len(labels) / MAX_LABELS)
     positions = list(range(0, len(labels), step))
-    return positions, [labels[p] for p in positions]
+    return positions, [labels[p].replace("$", r"\$") for p in positions]  # "$$" would start mathtext
 
 
 def _quarter(inches: float) -> float:

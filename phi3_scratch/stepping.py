@@ -15,6 +15,7 @@ fresh forward pass of the whole sequence).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,19 @@ class StepRecord:
 
 class Stepper:
     def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_new_tokens: int = 256):
-        ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device).reshape(1, -1).long()  # (1, T)
+        ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device).long()
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise Phi3Error(f"prompt_ids must be one sequence (a list, a 1-D tensor or shape (1, T)), got shape {tuple(ids.shape)}")
+        ids = ids[None]  # (1, T)
         check_input_ids(ids, model.config.vocab_size)
-        if not isinstance(top_k, int) or top_k < 1:
-            raise Phi3Error(f"top_k must be a positive integer, got {top_k!r}")
+        for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise Phi3Error(f"{name} must be a positive integer, got {value!r}")
+        if ids.shape[1] >= model.config.max_position_embeddings:
+            raise Phi3Error(f"the prompt has {ids.shape[1]} tokens: no room for a new one in the model's "
+                            f"{model.config.max_position_embeddings} positions")
         self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
         self.ids: list[int] = ids[0].tolist()  # the whole sequence so far, prompt included
         max_len = min(len(self.ids) + max_new_tokens, model.config.max_position_embeddings)
@@ -67,8 +77,12 @@ class Stepper:
     def choose(self, token_id: int | None = None) -> StepRecord:
         """Append `token_id` (None: the argmax), run one step, and return the next record."""
         token = self._record.argmax if token_id is None else token_id
-        if not isinstance(token, int) or not 0 <= token < self.model.config.vocab_size:
-            raise Phi3Error(f"token_id must be in 0..{self.model.config.vocab_size - 1}, got {token!r}")
+        try:
+            token = operator.index(token)  # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            token = None
+        if token is None or not 0 <= token < self.model.config.vocab_size:
+            raise Phi3Error(f"token_id must be in 0..{self.model.config.vocab_size - 1}, got {token_id!r}")
         if len(self.ids) + 1 > self.cache.max_len:
             raise Phi3Error(f"the sequence is full: {len(self.ids)} tokens of max_len={self.cache.max_len}")
         self.ids.append(token)

@@ -12,7 +12,9 @@ Recorded per forward call (a later call inside the block replaces the earlier va
     layers.{i}.attn_probs   softmax(q k^T / sqrt(hd) + mask)                (B, nH, T, S)
     layers.{i}.attn_out     the attention's output, after o_proj              (B, T, H)
     layers.{i}.attn_residual, post_attn_norm, mlp_out, residual (the layer's output)
-When no trace is active the model runs its plain path: the only cost is one `is None` test.
+When no trace is active the only cost is one `is None` test per layer. `trace(model, only=...)`
+keeps just the names listed (attention probabilities are T x T per head: a long prompt makes them
+the largest thing in memory).
 """
 
 from __future__ import annotations
@@ -21,32 +23,58 @@ from contextlib import contextmanager
 
 import torch
 
+from .errors import Phi3Error
 from .model import Phi3ForCausalLM
 
 LAYER_NAMES = ("input_norm", "q", "k", "v", "attn_probs", "attn_out", "attn_residual", "post_attn_norm",
                "mlp_out", "residual")
 
 
-class Trace(dict):
-    """name -> tensor. Model-level names live in the dict itself, layer i's in `layers[i]`;
-    `t["layers.3.q"]` and `t.flat()` read both."""
+class Records(dict):
+    """name -> tensor, for one layer or for the whole model; `record` skips names not in `only`."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, only: set[str] | None = None):
         super().__init__()
-        self.layers = [{} for _ in range(num_layers)]
+        self.only = only
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def record(self, **tensors: torch.Tensor) -> None:
+        for name, tensor in tensors.items():
+            if self.only is None or name in self.only:
+                self[name] = tensor
+
+
+class Trace(Records):
+    """The records of one forward pass. Model-level names (embed, mask, final_norm, logits) live in
+    the dict itself, layer i's in `layers[i]`; `t["layers.3.q"]`, `"layers.3.q" in t`, `t.get(...)`
+    and `t.flat()` (everything, in forward order) read both."""
+
+    def __init__(self, num_layers: int, only: set[str] | None = None):
+        super().__init__(only)
+        self.layers = [Records(only) for _ in range(num_layers)]
+
+    def _split(self, name: str) -> tuple[dict, str]:
         if name.startswith("layers."):
             _, i, key = name.split(".", 2)
-            return self.layers[int(i)][key]
-        return super().__getitem__(name)
+            return self.layers[int(i)], key
+        return self, name
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        where, key = self._split(name)
+        return dict.__getitem__(where, key)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.flat()
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
 
     def flat(self) -> dict[str, torch.Tensor]:
         """Every record in forward order: embed, layers.0.input_norm, ..., final_norm, logits."""
-        out = {k: self[k] for k in ("embed", "positions", "mask") if k in self}
+        top = lambda names: {k: dict.__getitem__(self, k) for k in names if dict.__contains__(self, k)}
+        out = top(("embed", "positions", "mask"))
         for i, layer in enumerate(self.layers):
             out.update({f"layers.{i}.{k}": layer[k] for k in LAYER_NAMES if k in layer})
-        out.update({k: self[k] for k in ("final_norm", "logits") if k in self})
+        out.update(top(("final_norm", "logits")))
         return out
 
     def __repr__(self) -> str:
@@ -54,26 +82,30 @@ class Trace(dict):
 
 
 @contextmanager
-def trace(model: Phi3ForCausalLM):
-    """Record the intermediates of every forward pass run inside the `with` block."""
+def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
+    """Record the intermediates of every forward pass run inside the `with` block (only the names
+    in `only`, when given). Traces nest: an inner block hands the outer one back when it ends."""
     body = model.model
-    body.trace = Trace(len(body.layers))
+    outer, body.trace = body.trace, Trace(len(body.layers), only)
     try:
         yield body.trace
     finally:
-        body.trace = None
+        body.trace = outer
 
 
 @torch.no_grad()
-def logit_lens(model: Phi3ForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+def logit_lens(model: Phi3ForCausalLM, input_ids: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
     """What each layer would predict if it were the last: head(final_norm(residual after layer i)).
 
-    Returns logits (num_layers, B, T, V) in fp32; the last row equals the model's own logits.
+    Returns fp32 logits (num_layers, B, V) for the last position, or (num_layers, B, T, V) for
+    every position; the last layer's equal the model's own logits.
     """
-    with trace(model) as t:
+    with trace(model, only={"residual"}) as t:
         model.model(input_ids)
     residuals = torch.stack([layer["residual"] for layer in t.layers])  # (L, B, T, H)
-    return model.lm_head(model.model.norm(residuals)).float()  # (L, B, T, V)
+    if not all_positions:
+        residuals = residuals[:, :, -1]  # (L, B, H)
+    return model.lm_head(model.model.norm(residuals)).float()  # (L, B, [T,] V)
 
 
 # ------------------------------------------------------------------ comparison with transformers
@@ -107,9 +139,12 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
     (eager attention, so that it returns its attention probabilities).
     """
     tolerance = default_tolerance(model.lm_head.weight.dtype) if tolerance is None else tolerance
+    if getattr(hf_model.config, "_attn_implementation", None) != "eager":
+        raise Phi3Error("compare_with_transformers needs transformers' model with attn_implementation='eager' "
+                        f"(it returns its attention probabilities), got {hf_model.config._attn_implementation!r}")
     theirs, handles = {}, []
     for name, module_name in _expand(HF_HOOKS, len(model.model.layers)).items():
-        def keep(module, args, output, name=name):
+        def keep(module, args, output, name=name):  # name=name: bind this loop's name, not the last one
             if name.endswith("attn_probs"):
                 output = output[1]  # (attn_output, attn_weights)
             elif isinstance(output, tuple):
@@ -130,8 +165,11 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
         if theirs.get(name) is None:  # q, k, v, masks: transformers does not expose them
             continue
         a, b = ours[name].float(), theirs[name].float()
-        max_abs = (a - b).abs().max().item()
-        rel = max_abs / max(b.abs().max().item(), 1e-30)
+        if a.shape != b.shape:  # a port with the wrong shape somewhere: say so, do not crash
+            max_abs = rel = float("inf")
+        else:
+            max_abs = (a - b).abs().max().item()
+            rel = max_abs / max(b.abs().max().item(), 1e-30)
         ok = rel <= tolerance
         rows.append(dict(name=name, shape=tuple(a.shape), max_abs=max_abs, rel=rel, ok=ok,
                          first_bad=not ok and not seen_bad))

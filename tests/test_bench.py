@@ -31,10 +31,11 @@ def test_bench_script_prints_every_measurement(tmp_path):
 
 
 def test_parity_script_reports_both_dtypes():
-    done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro", "--seq-len", "16"],
+    """On a tied, grouped-query config: both models must share every weight, the head included."""
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro-tied", "--seq-len", "16"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = {r["dtype"]: r for r in map(json.loads, done.stdout.splitlines())}
     assert set(rows) == {"fp32", "bf16"}
     assert rows["fp32"]["max_abs_diff"] < 1e-3 and rows["fp32"]["top1_agreement"] == 1.0
-    assert 0 <= rows["bf16"]["top1_agreement"] <= 1
+    assert rows["bf16"]["max_abs_diff"] < 0.1 * rows["bf16"]["max_abs_logit"] and rows["bf16"]["top1_agreement"] > 0.5

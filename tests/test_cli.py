@@ -250,3 +250,9 @@ def test_compare_command_prints_the_table(tiny, capsys):
     assert code == 0
     assert re.search(r"^embed\s", out, re.M) and re.search(r"^layers\.3\.residual\s", out, re.M)
     assert "all within" in out
+
+
+def test_step_stops_when_there_is_no_room_left(tiny, capsys, monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda prompt="": "")  # always Enter
+    code, out, _ = run(capsys, "step", "The model", "--model", tiny, "--max-new-tokens", 2)
+    assert code == 0 and "(no room left" in out and "2 tokens chosen" in out

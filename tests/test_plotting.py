@@ -120,3 +120,12 @@ def test_without_matplotlib_the_error_says_how_to_install_it(traced, monkeypatch
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
     with pytest.raises(p3.Phi3Error, match=r"attention pictures need matplotlib: pip install 'phi3-scratch\[plot\]' \(or pip install matplotlib\)"):
         attention_figure(maps, labels, labels)
+
+
+def test_dollar_signs_in_token_labels_are_drawn_as_text(tmp_path):
+    """The real Phi-3 vocabulary has "$$" pieces; matplotlib would read them as mathtext."""
+    from phi3_scratch.plotting import attention_figure, save_attention_png
+
+    matrix = torch.tril(torch.ones(3, 3)) / torch.arange(1, 4)[:, None]
+    fig = attention_figure([("t", matrix)], ["$$", "▁pay", "$"], ["$$", "▁pay", "$"])
+    assert save_attention_png(fig, tmp_path / "dollars.png")[0] > 0

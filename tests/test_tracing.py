@@ -34,16 +34,35 @@ def test_traced_attention_probabilities_are_the_ones_used(tiny_gqa):
                               t[f"layers.{i}.attn_residual"] + t[f"layers.{i}.mlp_out"])
     assert torch.equal(t["logits"], logits)
     assert list(t.flat())[0] == "embed" and "layers.1.v" in repr(t)
+    assert "layers.1.v" in t and t.get("layers.1.v") is t["layers.1.v"] and t.get("layers.9.v") is None
+    attn = model.model.layers[0].self_attn  # the output is built from those probabilities
+    probs, v = t["layers.0.attn_probs"], t["layers.0.v"].repeat_interleave(model.config.kv_groups, dim=1)
+    out = (probs @ v).transpose(1, 2).reshape(2, 10, -1)  # (B, T, nH * hd)
+    assert torch.allclose(attn.o_proj(out), t["layers.0.attn_out"], atol=1e-5)
+
+
+def test_trace_of_a_cached_decode_step_and_nested_traces(tiny_gqa):
+    model, _ = tiny_gqa
+    cache = model.new_cache(1, max_len=16)
+    with torch.no_grad(), p3.trace(model) as outer:
+        model(torch.randint(3, 256, (1, 6)), cache)
+        with p3.trace(model, only={"attn_probs"}) as inner:
+            model(torch.randint(3, 256, (1, 1)), cache)  # one new query over 7 keys
+        assert model.model.trace is outer  # the outer trace is back
+        model(torch.randint(3, 256, (1, 1)), cache)
+    assert inner["layers.0.attn_probs"].shape == (1, 6, 1, 7) and "layers.0.q" not in inner
+    assert outer["layers.1.attn_probs"].shape == (1, 6, 1, 8)  # the last call inside the outer block
 
 
 def test_logit_lens_last_layer_is_the_model_output(tiny_gqa):
     model, _ = tiny_gqa
     ids = torch.randint(3, 256, (1, 7))
-    lens = p3.logit_lens(model, ids)
+    lens = p3.logit_lens(model, ids, all_positions=True)
     assert lens.shape == (model.config.num_hidden_layers, 1, 7, model.config.vocab_size)
     with torch.no_grad():
         assert torch.allclose(lens[-1], model(ids), atol=1e-5)
     assert not torch.allclose(lens[0], lens[-1])
+    assert torch.allclose(p3.logit_lens(model, ids), lens[:, :, -1], atol=1e-5)  # default: the last position
 
 
 def test_comparison_with_transformers_agrees_everywhere(tiny_gqa):
@@ -107,3 +126,17 @@ def test_stepper_stays_consistent_after_a_forced_choice(tiny_gqa):
     assert torch.allclose(stepper.record().logits, logits, atol=1e-4)
     with pytest.raises(p3.Phi3Error, match="token_id must be in 0..255, got 999"):
         stepper.choose(999)
+
+
+def test_stepper_argument_checks(tiny_gqa):
+    model, _ = tiny_gqa
+    with pytest.raises(p3.Phi3Error, match=r"prompt_ids must be one sequence .* got shape \(2, 3\)"):
+        p3.Stepper(model, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(p3.Phi3Error, match="max_new_tokens must be a positive integer, got 0"):
+        p3.Stepper(model, [1, 2], max_new_tokens=0)
+    stepper = p3.Stepper(model, torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    stepper.choose(torch.tensor(9))  # a 0-d tensor is a token id too
+    stepper.choose()
+    assert stepper.ids == [5, 6, 7, 9, stepper.ids[-1]]
+    with pytest.raises(p3.Phi3Error, match="the sequence is full: 5 tokens of max_len=5"):
+        stepper.choose()
