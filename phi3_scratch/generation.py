@@ -76,16 +76,19 @@ def stream_tokens(
         seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + step + 1): the new token is real
-        if cache is None:
-            logits = last_logits(model, seq, None, mask)  # the whole sequence again
-        elif crosses_longrope_switch(config, cache, seq.shape[1]):
-            # The cached keys were rotated with the short factors. Now that the sequence is longer
-            # than the original context, every key must use the long factors: start over with one
-            # forward over the whole sequence, as transformers' generate does.
-            cache.reset()
-            logits = last_logits(model, seq, cache, mask)
-        else:
-            logits = last_logits(model, token[:, None], cache, mask)  # one new position
+        logits = next_logits(model, seq, cache, mask)  # (B, V)
+
+
+def next_logits(model, seq: torch.Tensor, cache, mask) -> torch.Tensor:
+    """Logits for the token after `seq` (B, L), whose earlier positions the cache may hold: (B, V)."""
+    if cache is None:
+        return last_logits(model, seq, None, mask)  # the whole sequence again
+    if crosses_longrope_switch(model.config, cache, seq.shape[1]):
+        # The cached keys were rotated with the short factors. Now that the sequence is longer
+        # than the original context, every key must use the long factors: start over with one
+        # forward over the whole sequence, as transformers' generate does.
+        cache.reset()
+    return last_logits(model, seq[:, cache.length:], cache, mask)  # only what the cache lacks
 
 
 def last_logits(model, input_ids, cache, mask) -> torch.Tensor:

@@ -115,24 +115,23 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, checkpo
     raise Phi3Error(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)} or a torch float dtype")
 
 
-def weight_files(folder: Path) -> dict[str, list[str]]:
-    """Map each safetensors file of the checkpoint to the tensor names the index says it holds."""
+def weight_files(folder: Path) -> list[str]:
+    """The checkpoint's safetensors files: the shards its index names, or model.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise Phi3Error(f"{index} is not a safetensors index (expected a 'weight_map'): {e}") from None
-        files: dict[str, list[str]] = {}
-        for name, file in weight_map.items():
-            files.setdefault(file, []).append(name)
+        files = sorted(set(weight_map.values()))
+        if not files:
+            raise Phi3Error(f"{index} names no shard: its weight_map is empty")
         for file in files:
             if not (folder / file).is_file():
                 raise Phi3Error(f"shard {folder / file} is named in {index} but is missing")
         return files
     if (folder / "model.safetensors").is_file():
-        with _open(folder / "model.safetensors") as f:
-            return {"model.safetensors": list(f.keys())}
+        return ["model.safetensors"]
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
     if pickles:
         raise Phi3Error(
@@ -150,8 +149,8 @@ def _open(path: Path):
         raise Phi3Error(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _checkpoint_dtype(folder: Path, files: dict[str, list[str]]) -> torch.dtype:
-    first = folder / next(iter(files))
+def _checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
+    first = folder / files[0]
     with _open(first) as f:
         names = list(f.keys())
         if not names:

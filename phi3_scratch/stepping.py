@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import Phi3Error
-from .generation import crosses_longrope_switch, last_logits
+from .generation import last_logits, next_logits
 from .model import Phi3ForCausalLM, check_input_ids
 
 
@@ -86,13 +86,8 @@ class Stepper:
         if len(self.ids) + 1 > self.cache.max_len:
             raise Phi3Error(f"the sequence is full: {len(self.ids)} tokens of max_len={self.cache.max_len}")
         self.ids.append(token)
-        device = self.model.lm_head.weight.device
-        if crosses_longrope_switch(self.model.config, self.cache, len(self.ids)):
-            self.cache.reset()  # keys cached with LongRoPE's short factors: recompute them all (see generation.py)
-            new = torch.tensor([self.ids], device=device)  # (1, T + 1)
-        else:
-            new = torch.tensor([[token]], device=device)  # (1, 1)
-        logits = last_logits(self.model, new, self.cache, None)[0]  # (V,)
+        seq = torch.tensor([self.ids], device=self.model.lm_head.weight.device)  # (1, T + 1)
+        logits = next_logits(self.model, seq, self.cache, None)[0]  # (V,): the same step as generate's
         self._record = self._make_record(logits, token)
         return self._record
 
