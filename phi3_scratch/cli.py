@@ -31,7 +31,7 @@ from .model import Phi3ForCausalLM
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
-TOUR_PROMPT = "What does sample do?"
+TOUR_PROMPT = "What does stream_tokens do?"
 
 
 class Parser(argparse.ArgumentParser):
