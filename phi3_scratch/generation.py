@@ -8,7 +8,8 @@ With temperature > 0 the token is sampled instead (`sample`): top-k and top-p fi
 candidates, and a seed makes the draw reproducible.
 
 `stream_tokens` is the loop itself, yielding each new token as soon as it is chosen (set a
-breakpoint inside it to watch the cache fill); `generate` collects what it yields.
+breakpoint inside it to watch the cache fill); `generate` collects what it yields. With
+compile=True the decode steps run through compiled.py instead (same layers, one compiled step).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .compiled import CompiledDecoder, static_cache
 from .errors import Phi3Error
 from .model import Phi3ForCausalLM, check_attention_mask, check_input_ids
 
@@ -33,12 +35,14 @@ def stream_tokens(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), one step at a time.
 
     eos_token_id: the stop ids. None means the model's (generation_config.json, else config.json);
     [] never stops early. A row that has stopped gets the pad id until every row has stopped.
     temperature 0 is greedy; above 0 the token is drawn by `sample` with top_k, top_p and seed.
+    compile=True runs each decode step as one compiled step (compiled.py; a CUDA graph on a GPU).
     """
     config = model.config
     B, T = check_input_ids(input_ids, config.vocab_size)
@@ -54,33 +58,48 @@ def stream_tokens(
         if not bool(attention_mask[:, -1].all()):
             raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
     check_sampling(temperature, top_k, top_p, seed)
+    if compile and not use_cache:
+        raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
     stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
 
     seq, mask = input_ids.long(), attention_mask  # (B, T) each, growing by one column a step
-    cache = model.new_cache(B, max_len=T + max_new_tokens) if use_cache else None
+    cache = None
+    if use_cache:
+        cache = static_cache(model, B, T + max_new_tokens) if compile else model.new_cache(B, max_len=T + max_new_tokens)
     logits = last_logits(model, seq, cache, mask)  # (B, V): prefill
+    decoder = CompiledDecoder(model, cache, mask) if compile else None
     finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,): rows that hit a stop id
+    stopped = None  # (): "every row had stopped" one step ago, still on the device
     for step in range(max_new_tokens):
         if temperature == 0:
             token = logits.float().argmax(-1)  # (B,): greedy; the first index wins a tie
         else:
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         token = token.masked_fill(finished, pad_id)  # rows that stopped only pad
+        # The stop check reads a flag back from the device, which waits for the GPU to catch up.
+        # Reading the previous step's flag, after this step's work is queued, waits only for
+        # that earlier work and keeps the GPU busy; the price is one unused step at the end.
+        if stopped is not None and bool(stopped):
+            return
         yield token
         finished |= torch.isin(token, stops)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1:
             return
+        stopped = finished.all()
         seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + step + 1): the new token is real
-        logits = next_logits(model, seq, cache, mask)  # (B, V)
+        logits = next_logits(model, seq, cache, mask, decoder)  # (B, V)
 
 
-def next_logits(model, seq: torch.Tensor, cache, mask) -> torch.Tensor:
-    """Logits for the token after `seq` (B, L), whose earlier positions the cache may hold: (B, V)."""
+def next_logits(model, seq: torch.Tensor, cache, mask, decoder=None) -> torch.Tensor:
+    """Logits for the token after `seq` (B, L), whose earlier positions the cache may hold: (B, V).
+
+    decoder: a compiled.CompiledDecoder, which runs the one-token steps, or None (eager).
+    """
     if cache is None:
         return last_logits(model, seq, None, mask)  # the whole sequence again
     if crosses_longrope_switch(model.config, cache, seq.shape[1]):
@@ -88,6 +107,8 @@ def next_logits(model, seq: torch.Tensor, cache, mask) -> torch.Tensor:
         # than the original context, every key must use the long factors: start over with one
         # forward over the whole sequence, as transformers' generate does.
         cache.reset()
+    elif decoder is not None:
+        return decoder(seq[:, -1:])
     return last_logits(model, seq[:, cache.length:], cache, mask)  # only what the cache lacks
 
 
@@ -158,8 +179,9 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Greedy (or sampled) decoding. Returns the prompt and the new tokens, (B, T + new), new <= max_new_tokens."""
     new = list(stream_tokens(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
-                             temperature, top_k, top_p, seed))
+                             temperature, top_k, top_p, seed, compile))
     return torch.cat([input_ids.long(), torch.stack(new, dim=1)], dim=1)

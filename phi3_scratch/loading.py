@@ -161,8 +161,11 @@ def _checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
-def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None) -> nn.Module:
-    """progress, if given, is called as progress(tensors_done, tensors_total) after each tensor."""
+def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, attention="eager") -> nn.Module:
+    """progress, if given, is called as progress(tensors_done, tensors_total) after each tensor;
+    attention is "eager" or "sdpa" (Phi3ForCausalLM.set_attention)."""
+    if attention not in ("eager", "sdpa"):
+        raise Phi3Error(f"attention must be 'eager' or 'sdpa', got {attention!r}")
     device = resolve_device(device)
     folder = resolve_checkpoint(path_or_repo_id)
     config = Phi3Config.from_pretrained(folder)
@@ -203,7 +206,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None) ->
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = type(model.model.rotary_emb)(config, device=device)  # computed, not loaded
-    return model.eval()
+    return model.set_attention(attention).eval()
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -75,6 +75,7 @@ class Phi3Attention(nn.Module):
         self.qkv_split = (q_size, kv_size, kv_size)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)  # weight (H, nH*hd)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)  # (nH*hd + 2*nKV*hd, H)
+        self.kernel = "eager"  # or "sdpa": see Phi3ForCausalLM.set_attention
 
     def forward(
         self,
@@ -98,6 +99,14 @@ class Phi3Attention(nn.Module):
             trace.record(q=q, k=k, v=v)  # after rotary; the new positions only
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nKV, S, hd): earlier positions + these
+
+        if self.kernel == "sdpa" and trace is None:
+            # The same softmax(q k^T / sqrt(hd) + mask) v in one fused torch kernel (flash or
+            # memory-efficient attention on a GPU): the (T, S) probabilities are never stored.
+            # The mask, in q's dtype, keeps a finite "most negative" value: see the fp16 note below.
+            mask = mask[:, None].clamp(min=torch.finfo(q.dtype).min / 2).to(q.dtype)  # (B, 1, T, S)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nH, T, hd)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
         q = q.view(B, self.num_kv_heads, self.kv_groups, T, self.head_dim)  # (B, nKV, groups, T, hd)
         k, v = k[:, :, None], v[:, :, None]  # (B, nKV, 1, S, hd): broadcast over the group
@@ -219,6 +228,20 @@ class Phi3ForCausalLM(nn.Module):
             self.model.trace.record(logits=logits)
         return logits
 
+    def set_attention(self, kernel: str) -> "Phi3ForCausalLM":
+        """Choose how attention is computed, in every layer; returns the model.
+
+        "eager" (the default) writes every step out: scores, mask, softmax, weighted sum, the code
+        to read and step through. "sdpa" hands the same maths to torch's fused
+        scaled_dot_product_attention: faster for long inputs, the same logits to rounding. A
+        trace (tracing.py) always runs the eager code, to record the attention probabilities.
+        """
+        if kernel not in ("eager", "sdpa"):
+            raise Phi3Error(f"attention kernel must be 'eager' or 'sdpa', got {kernel!r}")
+        for layer in self.model.layers:
+            layer.self_attn.kernel = kernel
+        return self
+
     def new_cache(self, batch_size: int = 1, *, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` positions."""
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -235,11 +258,12 @@ class Phi3ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, progress=None) -> "Phi3ForCausalLM":
+                        dtype: torch.dtype | str | None = None, progress=None,
+                        attention: str = "eager") -> "Phi3ForCausalLM":
         """Load a checkpoint (a local folder or a Hugging Face repo id); see phi3_scratch.loading."""
         from .loading import load_model
 
-        return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress)
+        return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress, attention=attention)
 
 
 # --------------------------------------------------------------------------- inputs and masks
@@ -300,11 +324,20 @@ def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None, window: 
     the same window counted in positions.
     """
     q = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
-    k = torch.arange(past + T, device=device)[None, :]  # (1, S)
+    return slot_mask(q, past + T, attention_mask, window, B)
+
+
+def slot_mask(q: torch.Tensor, S: int, attention_mask: torch.Tensor | None, window: int | None,
+              B: int) -> torch.Tensor:
+    """causal_mask for queries in the slots q (T, 1) over S key slots: (B, T, S).
+
+    The compiled decode step (compiled.py) calls it with q held in a device tensor."""
+    T, device = q.shape[0], q.device
+    k = torch.arange(S, device=device)[None, :]  # (1, S)
     allowed = k <= q  # (T, S)
     if window is not None:
         allowed = allowed & (k > q - window)
-    allowed = allowed.expand(B, T, past + T)  # (B, T, S)
+    allowed = allowed.expand(B, T, S)  # (B, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]  # padded keys are never seen
     zeros = torch.zeros(allowed.shape, device=device)

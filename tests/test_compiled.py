@@ -1,0 +1,139 @@
+"""compile=True (compiled.py) and the "sdpa" attention kernel: the same tokens and logits as eager.
+
+torch.compile runs here on the CPU (inductor's C++ backend, no CUDA graphs), which checks the
+static-shape decode step itself: slot writes, attention over the whole cache, positions from the
+padding mask, the LongRoPE rebuild. The CUDA-graph capture and the speed are checked on a GPU by
+scripts/gpu_checks.sh.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import phi3_scratch as p3
+from phi3_scratch import compiled
+
+from .conftest import INLINE, SMALL_ORIGINAL_MAX, model_params
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # each test compiles afresh, far from torch's recompile limit
+    yield
+    torch._dynamo.reset()
+
+
+def padded_batch(seed: int, lengths: tuple[int, ...]):
+    torch.manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, 256, (len(lengths), width))
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, : width - n] = 0
+    return ids, mask
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("name", model_params("tiny-window", "tiny-longrope"))
+def test_compiled_decode_gives_the_eager_tokens(checkpoints, name):
+    """tiny-window: 30 positions through a sliding window of 8; tiny-longrope: GQA, partial rotary,
+    tied head, and a padded batch that crosses the LongRoPE switch (the cache is rebuilt eagerly)."""
+    folder, _ = checkpoints(name)
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids, mask = padded_batch(7, (SMALL_ORIGINAL_MAX - 4, 11))
+    eager = p3.generate(model, ids, 14, eos_token_id=[], attention_mask=mask)
+    before = compiled_graphs()
+    fast = p3.generate(model, ids, 14, eos_token_id=[], attention_mask=mask, compile=True)
+    assert compiled_graphs() > before, "the decode step was not compiled"
+    assert torch.equal(fast, eager)
+
+
+def test_compiled_decode_logits_match_eager(checkpoints):
+    """Step by step, the compiled logits equal the eager ones to float rounding."""
+    folder, _ = checkpoints("tiny-longrope")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (1, 20))
+    with torch.inference_mode():
+        eager = model(ids)[0, 10:]  # (10, V): one forward over the whole sequence
+        cache = compiled.static_cache(model, 1, 20)
+        model(ids[:, :10], cache)  # prefill, eager
+        decoder = compiled.CompiledDecoder(model, cache, None)
+        steps = [decoder(ids[:, i : i + 1])[0] for i in range(10, 20)]
+    assert (torch.stack(steps) - eager).abs().max() < 1e-4
+
+
+def test_compiled_decode_reuses_its_cache_and_compiled_step(checkpoints):
+    folder, _ = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (1, 5))
+    first = p3.generate(model, ids, 6, eos_token_id=[], compile=True)
+    graphs, cache = compiled_graphs(), model._static_cache[1]
+    second = p3.generate(model, torch.randint(3, 256, (1, 9)), 6, eos_token_id=[], compile=True)
+    assert compiled_graphs() == graphs, "a second prompt length recompiled the step"
+    assert model._static_cache[1] is cache
+    assert cache.max_len == min(compiled.CACHE_BLOCK, model.config.max_position_embeddings)
+    assert first.shape == (1, 11) and second.shape == (1, 15)
+
+
+def test_compiled_decode_stops_at_the_same_token(checkpoints):
+    folder, _ = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (1, 5))
+    free = p3.generate(model, ids, 20, eos_token_id=[])
+    stop = int(free[0, 5 + 6])
+    first = (free[0, 5:] == stop).nonzero()[0].item()
+    stopped = p3.generate(model, ids, 20, eos_token_id=[stop], compile=True)
+    assert stopped.shape == (1, 5 + first + 1) and int(stopped[0, -1]) == stop
+
+
+def test_compile_needs_the_cache(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    with pytest.raises(p3.Phi3Error, match="use_cache=True"):
+        p3.generate(model, torch.tensor([[5, 6]]), 3, use_cache=False, compile=True)
+
+
+@pytest.mark.parametrize("name", model_params(*INLINE, "Phi-3-mini-4k-instruct", "Phi-4-mini-instruct", "phi-4"))
+def test_sdpa_kernel_gives_the_eager_logits(checkpoints, name):
+    """Padding, the sliding window, GQA and the cache through torch's fused attention."""
+    folder, hf = checkpoints(name)
+    model = p3.Phi3ForCausalLM.from_pretrained(folder, attention="sdpa")
+    assert all(layer.self_attn.kernel == "sdpa" for layer in model.model.layers)
+    ids, mask = padded_batch(8, (SMALL_ORIGINAL_MAX + 4, 12))
+    with torch.no_grad():
+        fused = model(ids, attention_mask=mask)
+        cache = model.new_cache(2, max_len=ids.shape[1])
+        model(ids[:, :-3], cache, mask[:, :-3])
+        fused_cached = model(ids[:, -3:], cache, mask)
+        eager = model.set_attention("eager")(ids, attention_mask=mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (fused - eager)[real].abs().max() < 1e-4
+    assert (fused_cached - eager[:, -3:]).abs().max() < 1e-4
+    assert (fused - theirs)[real].abs().max() < 1e-3
+
+
+def test_sdpa_kernel_in_fp16_with_left_padding_gives_no_nan(checkpoints):
+    folder, _ = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder, dtype="fp16", attention="sdpa")
+    ids, mask = padded_batch(9, (8, 3))
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)
+    assert torch.isfinite(logits[mask.bool()]).all()
+
+
+def test_a_trace_records_attention_probabilities_even_with_sdpa(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0], attention="sdpa")
+    with p3.trace(model) as t, torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert t.layers[0]["attn_probs"].shape == (1, 4, 3, 3)
+
+
+def test_unknown_attention_kernel_is_refused(checkpoints):
+    folder, _ = checkpoints("tiny-window")
+    with pytest.raises(p3.Phi3Error, match="'eager' or 'sdpa', got 'flash'"):
+        p3.Phi3ForCausalLM.from_pretrained(folder, attention="flash")
+    with pytest.raises(p3.Phi3Error, match="'eager' or 'sdpa', got 'flash'"):
+        p3.Phi3ForCausalLM.from_pretrained(folder).set_attention("flash")
