@@ -72,7 +72,8 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
         filled = 30 * done // total
         log(f"\r  weights [{'#' * filled}{'-' * (30 - filled)}] {done}/{total} tensors", end="\n" if done == total else "")
 
-    model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=bar)
+    model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=bar,
+                                            attention=args.attention)
     weight = model.lm_head.weight
     log(f"loaded {count(model):,} parameters ({weight.dtype}, {weight_bytes(model) / 1e9:.3f} GB) and "
         f"the tokenizer in {time.perf_counter() - start:.1f} s")
@@ -106,7 +107,8 @@ def stream_text(model, tokenizer, ids, args, new: list[int] | None = None) -> li
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     try:
         for token in stream_tokens(model, ids, args.max_new_tokens, use_cache=not args.no_cache, eos_token_id=stops,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                   compile=args.compile):
             token = int(token[0])
             if token in stops:
                 break
@@ -205,23 +207,44 @@ def cmd_next_token(args, loaded=None) -> None:
 
 
 def cmd_bench(args, loaded=None) -> None:
+    if getattr(args, "vs_transformers", False):
+        return bench_vs_transformers(args)
     model, tokenizer = loaded or load(args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
-    times = {True: [], False: []}
-    for run in range(args.runs):  # alternate, so that both see the same machine conditions
-        for use_cache in (True, False):
+    ways = {"with KV cache": dict(use_cache=True), "without cache": dict(use_cache=False)}
+    if getattr(args, "compile", False):
+        ways["cache, compiled"] = dict(use_cache=True, compile=True)
+        generate(model, ids, 2, eos_token_id=[], compile=True)  # compiles the step, outside the timing
+    times = {way: [] for way in ways}
+    for run in range(args.runs):  # alternate, so that every way sees the same machine conditions
+        for way, options in ways.items():
             start = time.perf_counter()
-            out = generate(model, ids, args.max_new_tokens, use_cache=use_cache, eos_token_id=[])
+            out = generate(model, ids, args.max_new_tokens, eos_token_id=[], **options)
             if ids.device.type == "cuda":
                 torch.cuda.synchronize()
-            times[use_cache].append(time.perf_counter() - start)
+            times[way].append(time.perf_counter() - start)
     new = out.shape[1] - ids.shape[1]
     print(f"{new} new tokens after a {ids.shape[1]}-token prompt, {args.runs} runs each, stop tokens ignored")
-    for use_cache, label in ((True, "with KV cache"), (False, "without cache")):
-        median = statistics.median(times[use_cache])
-        print(f"{label:14s} median {median:8.3f} s  {new / median:8.1f} tokens/s  "
-              f"(runs: {', '.join(f'{t:.3f}' for t in times[use_cache])})")
-    print(f"the cache is {statistics.median(times[False]) / statistics.median(times[True]):.1f}x faster")
+    for way in ways:
+        median = statistics.median(times[way])
+        print(f"{way:15s} median {median:8.3f} s  {new / median:8.1f} tokens/s  "
+              f"(runs: {', '.join(f'{t:.3f}' for t in times[way])})")
+    print(f"the cache is {statistics.median(times['without cache']) / statistics.median(times['with KV cache']):.1f}x faster")
+
+
+def bench_vs_transformers(args) -> None:
+    """phi3_scratch.benchmark on this model's checkpoint: ours and transformers', side by side."""
+    from . import benchmark
+
+    folder = model_folder(args)
+    tokens = len(encode_prompt(Tokenizer.from_pretrained(folder), args.prompt, args.chat, "cpu")[0])
+    argv = ["--checkpoint", str(folder), "--device", args.device, "--runs", str(args.runs),
+            "--new-tokens", str(args.max_new_tokens), "--prompt-len", str(tokens), "--prefill", *map(str, args.prefill)]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    print(f"phi3_scratch and transformers on {folder}: a random prompt of {tokens} tokens (as long as PROMPT), "
+          f"{args.max_new_tokens} new tokens; one JSON line per measurement", flush=True)
+    benchmark.main(argv)
 
 
 def cmd_tour(args) -> None:
@@ -344,6 +367,8 @@ def build_parser() -> Parser:
     common.add_argument("--model", default=DEFAULT_MODEL, help=f"folder, repo id or 'tiny' (default {DEFAULT_MODEL})")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
+    common.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
+                        help="eager: written out step by step (default); sdpa: torch's fused kernel")
     gen = Parser(add_help=False)
     gen.add_argument("--max-new-tokens", type=positive_int, default=200)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
@@ -351,6 +376,8 @@ def build_parser() -> Parser:
     gen.add_argument("--top-k", type=positive_int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the decode step (torch.compile; a CUDA graph on a GPU): faster after a warm-up")
     chat = Parser(add_help=False)
     chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
 
@@ -367,6 +394,11 @@ def build_parser() -> Parser:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=positive_int, default=100)
     p.add_argument("--runs", type=positive_int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
+    p.add_argument("--vs-transformers", action="store_true",
+                   help="instead: this model against transformers' on the same checkpoint, one JSON line per figure")
+    p.add_argument("--prefill", type=positive_int, nargs="*", default=[512],
+                   help="with --vs-transformers: prompt lengths whose forward pass is timed")
     p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
     p.add_argument("--prompt", default=TOUR_PROMPT)
     p.add_argument("--runs", type=positive_int, default=2)

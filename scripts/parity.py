@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from bench import build  # scripts/bench.py, beside this file
+from phi3_scratch.benchmark import build
 
 import phi3_scratch as p3
 

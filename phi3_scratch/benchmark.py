@@ -1,0 +1,299 @@
+"""Speed and memory, side by side with transformers, on the same weights, in one process.
+
+    python scripts/bench.py --config small                       # CPU-sized
+    python scripts/bench.py --config phi3-mini --device cuda     # Phi-3-mini-4k's shape, bf16
+    python scripts/bench.py --checkpoint /path/to/Phi-3-mini-4k-instruct --device cuda
+    phi3-scratch bench --vs-transformers --model tiny            # the same, on a CLI model
+
+One set of random weights at the config's real shape (weight values do not change the cost of a
+forward pass) is built once, in transformers' Phi3ForCausalLM; phi3_scratch's model is given the
+very same tensors (no copy), so both read the same memory. Then, alternating between the
+implementations on every run:
+
+    decode_cached     batch 1, a prompt of --prompt-len tokens, --new-tokens greedy tokens, no stopping
+    decode_uncached   the same without a KV cache
+    prefill_T         one forward pass over T tokens, for each T of --prefill
+
+Implementations: transformers with eager and sdpa attention; phi3_scratch eager (every job),
+phi3_scratch-sdpa (its fused-attention kernel: prefill) and phi3_scratch-compiled (compile=True:
+decode_cached). Run 0 of each is a warm-up (kernel choice, compilation) and is reported apart.
+
+Each measurement prints one JSON line: the median of --runs runs, every run, the ratio to
+transformers' eager implementation, peak memory, and on a GPU the achieved weight-reading
+bandwidth of decoding (bytes a decode step reads x tokens/s) and its fraction of the bandwidth a
+device-to-device copy reaches on this card. --markdown FILE writes the table; --profile FILE
+writes where the time of a few decode steps goes (torch.profiler), eager and compiled.
+Needs transformers (pip install -e ".[test]").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import phi3_scratch as p3
+from phi3_scratch.loading import set_parameter
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
+# phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
+OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_",), "phi3_scratch-compiled": ("decode_cached",)}
+SMALL = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 512,
+         "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+         "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+         "rope_scaling": None, "sliding_window": 2047, "tie_word_embeddings": False, "bos_token_id": 1,
+         "eos_token_id": 32000, "pad_token_id": 32000}
+
+
+# Small enough that the weights (8 MB) stay in the CPU's caches: per-token overhead, not memory, dominates.
+MICRO = {**SMALL, "vocab_size": 2048, "eos_token_id": 2, "pad_token_id": 0, "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
+         "num_key_value_heads": 4}
+
+
+# Small, tied and grouped-query like Phi-4-mini: checks that both models really share one head.
+MICRO_TIED = {**MICRO, "num_key_value_heads": 2, "tie_word_embeddings": True}
+# Phi-3-mini-4k-instruct's shape (3.8B parameters), for machines without shared/fixtures.
+MINI = {**SMALL, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32}
+BUILT_IN = {"small": SMALL, "micro": MICRO, "micro-tied": MICRO_TIED, "phi3-mini": MINI}
+
+
+def config_dict(name: str) -> dict:
+    if name in BUILT_IN:
+        return dict(BUILT_IN[name])
+    path = FIXTURES / name / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --config {name!r}: expected one of {sorted(BUILT_IN)} or a folder of {FIXTURES}")
+    return json.loads(path.read_text())
+
+
+def build(args, device, dtype):
+    """(ours, {name: transformers model}) on the same weights."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("error: the benchmark compares with transformers, which is not installed: "
+                         "pip install -e '.[test]'") from None
+
+    if args.checkpoint:
+        ours = p3.Phi3ForCausalLM.from_pretrained(args.checkpoint, device=device, dtype=dtype)
+        hf = transformers.Phi3ForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(device).eval()
+    else:
+        d = config_dict(args.config)
+        cfg = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")}
+        with torch.device("meta"):
+            hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**cfg))
+        hf = hf.to_empty(device=device).to(dtype).eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.02)
+                else:
+                    p.fill_(1.0)
+        if hf.config.tie_word_embeddings:
+            hf.lm_head.weight = hf.model.embed_tokens.weight  # to_empty gave the tied head its own storage
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)  # to_empty left its tables empty
+        with torch.device("meta"):
+            ours = p3.Phi3ForCausalLM(p3.Phi3Config.from_dict(d))
+        for name, p in hf.named_parameters():
+            set_parameter(ours, name, p)  # the same tensor, not a copy
+        if ours.config.tie_word_embeddings:
+            ours.lm_head.weight = ours.model.embed_tokens.weight
+        ours.model.rotary_emb = type(ours.model.rotary_emb)(ours.config, device=device)
+        ours.eval()
+        theirs = {n: p.data_ptr() for n, p in hf.named_parameters(remove_duplicate=False)}
+        shared = all(theirs[n] == p.data_ptr() for n, p in ours.named_parameters(remove_duplicate=False))
+        assert shared, "phi3_scratch and transformers must read the very same weight tensors"
+    models = {}
+    for impl in args.transformers:
+        hf.config._attn_implementation = impl
+        models[f"transformers-{impl}"] = hf  # one set of weights; the attention kernel is a setting
+    return ours, models
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(device) -> float | None:
+    """Bytes per second a device-to-device copy moves (read + write), the practical ceiling."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)  # 512 MiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    seconds = min(timed(lambda: y.copy_(x), device) for _ in range(5))
+    return 2 * x.numel() / seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small",
+                        help="'small' (186 MB of weights), 'micro' (8 MB), 'phi3-mini' (Phi-3-mini-4k's shape) "
+                             "or a folder name of shared/fixtures/configs")
+    parser.add_argument("--checkpoint", help="a real checkpoint folder instead of random weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048])
+    parser.add_argument("--transformers", nargs="*", default=["eager", "sdpa"], help="attention implementations")
+    parser.add_argument("--ours", nargs="*", default=list(OURS), choices=list(OURS), help="phi3_scratch variants")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--profile", type=Path, help="also write a profile of 10 decode steps to this file")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.new_tokens < 1 or args.prompt_len < 1:
+        parser.error("--runs, --new-tokens and --prompt-len must be at least 1")
+
+    device = torch.device(args.device)
+    dtype = p3.loading.resolve_dtype(args.dtype, device, torch.bfloat16)
+    ours, hf_models = build(args, device, dtype)
+    impls = {name: ours for name in args.ours} | hf_models
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    # A decode step reads every weight once, except the embedding matrix, of which it reads one row
+    # (unless the head is tied to it, and then the head reads all of it).
+    embed = ours.model.embed_tokens.weight
+    step_bytes = weight_bytes - (0 if ours.config.tie_word_embeddings else embed.numel() * embed.element_size())
+    bandwidth = copy_bandwidth(device)
+    vocab = ours.config.vocab_size
+    torch.manual_seed(1)
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), device=device)
+    n = args.new_tokens
+
+    def decode(name, model, use_cache):
+        if name.startswith("phi3_scratch"):
+            compile = name == "phi3_scratch-compiled"
+            return lambda: p3.generate(model, prompt, n, use_cache=use_cache, eos_token_id=[], compile=compile)
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+    def prefill(model, length):
+        ids = torch.randint(0, vocab, (1, length), device=device)
+        return lambda: model(ids)
+
+    jobs = {("decode_cached", n): lambda name, m: decode(name, m, True),
+            ("decode_uncached", n): lambda name, m: decode(name, m, False)}
+    for length in args.prefill:
+        if length <= ours.config.max_position_embeddings:
+            jobs[(f"prefill_{length}", length)] = lambda name, m, length=length: prefill(m, length)
+
+    def runs(job: str, name: str) -> bool:
+        return OURS.get(name) is None or job.startswith(OURS[name])
+
+    times = {(job, name): [] for job in jobs for name in impls if runs(job[0], name)}
+    warmup, peaks = {}, {}
+    with torch.no_grad():
+        for run in range(args.runs + 1):  # run 0 warms up (kernels, allocator, compilation) and is not counted
+            for job, make in jobs.items():
+                for name, model in impls.items():
+                    if not runs(job[0], name):
+                        continue
+                    if name.startswith("transformers-"):
+                        model.config._attn_implementation = name.removeprefix("transformers-")
+                    else:
+                        model.set_attention("sdpa" if name == "phi3_scratch-sdpa" else "eager")
+                    fn = make(name, model)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    seconds = timed(fn, device)
+                    if run:
+                        times[(job, name)].append(seconds)
+                        peaks[(job, name)] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+                    else:
+                        warmup[(job, name)] = seconds
+        ours.set_attention("eager")
+        if args.profile:
+            write_profile(args.profile, ours, prompt, device)
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    rows = []
+    for job, tokens in jobs:
+        eager = times.get(((job, tokens), "transformers-eager"))
+        base = statistics.median(eager) if eager else None
+        for name in impls:
+            if ((job, tokens), name) not in times:
+                continue
+            median = statistics.median(times[((job, tokens), name)])
+            row = {"measure": job, "impl": name, "config": args.checkpoint or args.config, "device": card,
+                   "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+                   "tokens": tokens, "median_s": round(median, 5), "tokens_per_s": round(tokens / median, 2),
+                   "ms_per_token": round(1000 * median / tokens, 3),
+                   "runs_s": [round(t, 5) for t in times[((job, tokens), name)]],
+                   "warmup_s": round(warmup[((job, tokens), name)], 3),
+                   "ratio_to_transformers_eager": round(base / median, 3) if base else None,
+                   "peak_memory_bytes": peaks[((job, tokens), name)], "weights_bytes": weight_bytes}
+            if job == "decode_cached" and bandwidth:
+                achieved = step_bytes * tokens / median
+                # The limit is what a device-to-device copy moves, reads and writes counted (as in
+                # docs/PERFORMANCE.md: 7.64 GB / ~4.3 TB/s on an H200).
+                row.update(achieved_gb_per_s=round(achieved / 1e9, 1), copy_gb_per_s=round(bandwidth / 1e9, 1),
+                           bandwidth_fraction=round(achieved / bandwidth, 3))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.markdown:
+        write_markdown(args.markdown, rows)
+
+
+def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device) -> None:
+    """The operations that take the time of 10 cached decode steps, eager then compiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sections = []
+    for compile in (False, True):
+        p3.generate(model, prompt, 11, eos_token_id=[], compile=compile)  # warm
+        with profile(activities=activities) as prof:
+            p3.generate(model, prompt, 11, eos_token_id=[], compile=compile)  # prefill + 10 decode steps
+            sync(device)
+        table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60)
+        sections.append(f"## {'compiled' if compile else 'eager'}: prefill of {prompt.shape[1]} + 10 decode steps\n\n{table}")
+    path.write_text("\n\n".join(sections))
+
+
+def write_markdown(path: Path, rows: list[dict]) -> None:
+    first = rows[0]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `scripts/bench.py --markdown`; do not edit by hand. Medians of the runs shown;",
+        "the ratio is to transformers' eager attention in the same process, on the same weights.",
+        "",
+        f"## {first['config']}, {first['dtype']}, {first['device']}, torch {first['torch']}, "
+        f"{datetime.date.today().isoformat()}",
+        "",
+        "| measure | implementation | tokens/s | ms/token | x transformers eager | peak memory | GB/s (fraction of copy bandwidth) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-"
+        bw = f"{r['achieved_gb_per_s']} ({r['bandwidth_fraction']:.0%})" if "achieved_gb_per_s" in r else "-"
+        ratio = f"{r['ratio_to_transformers_eager']:.2f}" if r["ratio_to_transformers_eager"] else "-"
+        lines.append(f"| {r['measure']} | {r['impl']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
+                     f"{ratio} | {peak} | {bw} |")
+    # Keep the sections for other configs, dtypes or cards already in the file; replace this one.
+    key = lambda heading: heading.split(", torch")[0]  # "config, dtype, card"
+    old = path.read_text().split("\n## ")[1:] if path.is_file() else []
+    kept = ["\n## " + s for s in old if key(s.splitlines()[0]) != key(lines[5][3:])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + "".join(kept))
+
+
+if __name__ == "__main__":
+    main()
