@@ -15,8 +15,8 @@ implementations on every run:
     prefill_T         one forward pass over T tokens, for each T of --prefill
 
 Implementations: transformers with eager and sdpa attention; phi3_scratch eager (every job),
-phi3_scratch-sdpa (its fused-attention kernel: prefill) and phi3_scratch-compiled (compile=True:
-decode_cached). Run 0 of each is a warm-up (kernel choice, compilation) and is reported apart.
+phi3_scratch-sdpa (its fused-attention kernel: prefill and cached decode) and
+phi3_scratch-compiled (compile=True: cached decode). Run 0 of each is a warm-up (kernel choice, compilation) and is reported apart.
 
 Each measurement prints one JSON line: the median of --runs runs, every run, the ratio to
 transformers' eager implementation, peak memory, and on a GPU the achieved weight-reading
@@ -33,6 +33,7 @@ import datetime
 import json
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ from phi3_scratch.loading import set_parameter
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
 # phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
-OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_",), "phi3_scratch-compiled": ("decode_cached",)}
+OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", "decode_cached"), "phi3_scratch-compiled": ("decode_cached",)}
 SMALL = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 512,
          "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
          "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
@@ -197,12 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         return OURS.get(name) is None or job.startswith(OURS[name])
 
     times = {(job, name): [] for job in jobs for name in impls if runs(job[0], name)}
-    warmup, peaks = {}, {}
+    warmup, peaks, failed = {}, {}, {}
     with torch.no_grad():
         for run in range(args.runs + 1):  # run 0 warms up (kernels, allocator, compilation) and is not counted
             for job, make in jobs.items():
                 for name, model in impls.items():
-                    if not runs(job[0], name):
+                    if not runs(job[0], name) or (job, name) in failed:
                         continue
                     if name.startswith("transformers-"):
                         model.config._attn_implementation = name.removeprefix("transformers-")
@@ -211,15 +212,20 @@ def main(argv: list[str] | None = None) -> None:
                     fn = make(name, model)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    seconds = timed(fn, device)
+                    try:
+                        seconds = timed(fn, device)
+                    except Exception as e:  # one failing variant must not cost the others their (GPU) time
+                        failed[(job, name)] = f"{type(e).__name__}: {e}"[:500]
+                        traceback.print_exc()
+                        continue
                     if run:
                         times[(job, name)].append(seconds)
                         peaks[(job, name)] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
                     else:
                         warmup[(job, name)] = seconds
         ours.set_attention("eager")
-        if args.profile:
-            write_profile(args.profile, ours, prompt, device)
+    for (job, name), error in failed.items():
+        print(json.dumps({"measure": job[0], "impl": name, "error": error}), flush=True)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     rows = []
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         eager = times.get(((job, tokens), "transformers-eager"))
         base = statistics.median(eager) if eager else None
         for name in impls:
-            if ((job, tokens), name) not in times:
+            if not times.get(((job, tokens), name)) or ((job, tokens), name) in failed:
                 continue
             median = statistics.median(times[((job, tokens), name)])
             row = {"measure": job, "impl": name, "config": args.checkpoint or args.config, "device": card,
@@ -248,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     if args.markdown:
         write_markdown(args.markdown, rows)
+    if args.profile:
+        write_profile(args.profile, ours, prompt, device)
 
 
 def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device) -> None:
@@ -260,10 +268,16 @@ def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device)
     for compile in (False, True):
         p3.generate(model, prompt, 11, eos_token_id=[], compile=compile)  # warm
         with profile(activities=activities) as prof:
+            start = time.perf_counter()
             p3.generate(model, prompt, 11, eos_token_id=[], compile=compile)  # prefill + 10 decode steps
             sync(device)
-        table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60)
-        sections.append(f"## {'compiled' if compile else 'eager'}: prefill of {prompt.shape[1]} + 10 decode steps\n\n{table}")
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else None
+        summary = f"wall time {1000 * wall:.1f} ms" + (f", GPU busy {1000 * busy:.1f} ms" if busy else "")
+        table = events.table(sort_by=sort, row_limit=15, max_name_column_width=60)
+        sections.append(f"## {'compiled' if compile else 'eager'}: prefill of {prompt.shape[1]} + 10 decode steps, "
+                        f"{summary} (profiled)\n\n{table}")
     path.write_text("\n\n".join(sections))
 
 

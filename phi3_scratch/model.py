@@ -105,7 +105,7 @@ class Phi3Attention(nn.Module):
             # memory-efficient attention on a GPU): the (T, S) probabilities are never stored.
             # The mask, in q's dtype, keeps a finite "most negative" value: see the fp16 note below.
             mask = mask[:, None].clamp(min=torch.finfo(q.dtype).min / 2).to(q.dtype)  # (B, 1, T, S)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nH, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_groups > 1)  # (B, nH, T, hd)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
         q = q.view(B, self.num_kv_heads, self.kv_groups, T, self.head_dim)  # (B, nKV, groups, T, hd)

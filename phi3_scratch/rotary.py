@@ -74,6 +74,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rotary_dim): the same angles for every head
     rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:  # every channel rotates (all but Phi-4-mini)
+        return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin  # (B, heads, T, rotary_dim)
     return torch.cat((x_rot, x_pass), dim=-1)  # (B, heads, T, head_dim)

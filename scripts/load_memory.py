@@ -1,13 +1,16 @@
 """Measure how much memory loading a checkpoint takes, against the size of its weights.
 
     python scripts/load_memory.py make DIR [--dtype bfloat16]   # a random ~270 MB Phi-3-shaped checkpoint
+    python scripts/load_memory.py make DIR --mini-layers 8 --dtype bfloat16   # Phi-3-mini's width, 8 layers
     python scripts/load_memory.py measure DIR [--naive]         # one JSON line
+    python scripts/load_memory.py measure DIR --device cuda     # onto the GPU, in the checkpoint's dtype
 
-`measure` resets the process's peak-RSS counter (/proc/self/clear_refs), loads the checkpoint onto
-the CPU in float32, runs one forward pass, and reports the peak resident memory gained (anonymous
-memory plus mapped file pages), in bytes and as a multiple of the float32 weights. With --naive it loads the usual way instead (allocate
-the model, then copy a loaded state dict into it), which holds two copies at its peak.
-Linux only: it reads /proc/self/status.
+`measure` resets the process's peak-RSS counter (/proc/self/clear_refs), loads the checkpoint
+(onto the CPU in float32 by default), runs one forward pass, and reports the peak resident memory
+gained (anonymous memory plus mapped file pages), in bytes and as a multiple of the weights. On a
+GPU it also reports the peak GPU memory allocated while loading, against the weights. With --naive
+it loads the usual way instead (allocate the model, then copy a loaded state dict into it), which
+holds two copies at its peak. Linux only: it reads /proc/self/status.
 """
 
 from __future__ import annotations
@@ -25,19 +28,26 @@ SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidd
              original_max_position_embeddings=256)
 
 
-def make(folder: Path, dtype: torch.dtype) -> None:
+# Phi-3-mini-4k-instruct's widths; `make --mini-layers N` keeps N of its 32 layers.
+MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+            original_max_position_embeddings=4096)
+
+
+def make(folder: Path, dtype: torch.dtype, mini_layers: int | None = None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    shape = SHAPE if mini_layers is None else {**MINI, "num_hidden_layers": mini_layers}
     config = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
-              "rope_scaling": None, "sliding_window": None, "tie_word_embeddings": False, **SHAPE}
+              "rope_scaling": None, "sliding_window": None, "tie_word_embeddings": False, **shape}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     with torch.device("meta"):
         names = {n: p.shape for n, p in p3.Phi3ForCausalLM(p3.Phi3Config.from_dict(config)).named_parameters()}
     weight_map, shard, size = {}, {}, 0
     for i, (name, shape) in enumerate(names.items()):
         shard[name] = (torch.randn(shape) * 0.02).to(dtype)
-        if len(shard) == len(names) // 2 or i == len(names) - 1:  # two shards
+        if i in (len(names) // 2 - 1, len(names) - 1):  # two shards
             file = f"model-{len(set(weight_map.values())) + 1:05d}-of-00002.safetensors"
             save_file(shard, folder / file)
             weight_map.update({n: file for n in shard})
@@ -54,11 +64,16 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(folder: Path, naive: bool) -> dict:
+def measure(folder: Path, naive: bool, device: str = "cpu") -> dict:
     # Building a model on the meta device first imports ~70 MB of torch's Python code. That is paid
     # once per process whatever the model's size, so it is done before the measurement starts.
     with torch.device("meta"):
         p3.Phi3ForCausalLM(p3.Phi3Config.from_dict({**json.loads((folder / "config.json").read_text()), "num_hidden_layers": 1}))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.zeros(1, device=device)  # the CUDA context's host memory is not the loader's
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated()
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     before = _status("VmRSS")
     if naive:
@@ -68,14 +83,24 @@ def measure(folder: Path, naive: bool) -> dict:
         for file in sorted(folder.glob("*.safetensors")):
             model.load_state_dict(load_file(file), strict=False)  # then copies the loaded ones in
     else:
-        model = p3.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        model(torch.randint(0, SHAPE["vocab_size"], (1, 8)))
+        model = p3.Phi3ForCausalLM.from_pretrained(folder, device=device, dtype=None if cuda else torch.float32)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    files = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    row = {"loader": "naive" if naive else "phi3_scratch", "device": device, "weights_bytes": weights,
+           "checkpoint_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+    if cuda:
+        torch.cuda.synchronize()
+        gpu_peak = torch.cuda.max_memory_allocated() - gpu_before
+        row.update(card=torch.cuda.get_device_name(), peak_gpu_growth_bytes=gpu_peak,
+                   peak_gpu_over_weights=round(gpu_peak / weights, 3))
+    # On the CPU, float32 weights from a float32 file stay mapped from the file and are only read
+    # in (and counted) when used: the peak is taken after one forward pass. On a GPU every byte was
+    # read already, and cuBLAS's own setup in the forward pass is not loading: the peak is taken first.
     peak = _status("VmHWM") - before
-    return {"loader": "naive" if naive else "phi3_scratch", "weights_bytes": weights, "checkpoint_bytes": files,
-            "peak_rss_growth_bytes": peak, "peak_over_weights": round(peak / weights, 3)}
+    with torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (1, 8), device=device))
+    if not cuda:
+        peak = _status("VmHWM") - before
+    return {**row, "peak_rss_growth_bytes": peak, "peak_over_weights": round(peak / weights, 3)}
 
 
 def main() -> None:
@@ -84,14 +109,16 @@ def main() -> None:
     mk = sub.add_parser("make")
     mk.add_argument("folder", type=Path)
     mk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    mk.add_argument("--mini-layers", type=int, help="Phi-3-mini's widths with this many layers")
     ms = sub.add_parser("measure")
     ms.add_argument("folder", type=Path)
     ms.add_argument("--naive", action="store_true")
+    ms.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.command == "make":
-        make(args.folder, getattr(torch, args.dtype))
+        make(args.folder, getattr(torch, args.dtype), args.mini_layers)
     else:
-        print(json.dumps(measure(args.folder, args.naive)))
+        print(json.dumps(measure(args.folder, args.naive, args.device)))
 
 
 if __name__ == "__main__":

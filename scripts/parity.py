@@ -4,22 +4,27 @@
     python scripts/parity.py --config small                                     # CPU-sized try-out
 
 Random weights at the config's real shape (built once, shared by both models, see bench.py), a
-random prompt of --seq-len tokens, TF32 off. One JSON line per dtype: the largest logit
+random prompt of --seq-len tokens, TF32 off. One JSON line per dtype and path: the largest logit
 difference, the largest logit, and how often both models pick the same top-1 token over the
-positions. fp32 is expected within 1e-3; bf16 rounds differently wherever two kernels sum in a
-different order, so its figures are reported, not asserted.
+positions. Path "eager" is one forward over the whole prompt; path "compiled" prefills the first
+half eagerly and then feeds the second half one token at a time through the compiled decode step
+(compile=True), comparing each step's logits with transformers' at that position. fp32 is
+expected within 1e-3; bf16 rounds differently wherever two kernels sum in a different order, so
+its figures are reported, not asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import traceback
 
 import torch
 
 from phi3_scratch.benchmark import build
 
 import phi3_scratch as p3
+from phi3_scratch import compiled
 
 
 def main() -> None:
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--paths", nargs="*", default=["eager", "compiled"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -40,17 +46,34 @@ def main() -> None:
         hf = models["transformers-eager"]
         torch.manual_seed(2)
         ids = torch.randint(0, ours.config.vocab_size, (1, args.seq_len), device=device)
-        with torch.no_grad():
-            a, b = ours(ids).float(), hf(input_ids=ids).logits.float()
-        row = {"config": args.checkpoint or args.config, "dtype": name, "device": str(device),
-               "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-               "seq_len": args.seq_len, "max_abs_diff": (a - b).abs().max().item(),
-               "max_abs_logit": b.abs().max().item(),
-               "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
-        print(json.dumps(row), flush=True)
-        del ours, models, hf, a, b
+        with torch.inference_mode():
+            b = hf(input_ids=ids).logits.float()[0]  # (T, V)
+            for path in args.paths:
+                try:
+                    a, first = (ours(ids).float()[0], 0) if path == "eager" else (compiled_logits(ours, ids), args.seq_len // 2)
+                except Exception as e:  # report it and go on: on a GPU the other rows are worth their time
+                    traceback.print_exc()
+                    print(json.dumps({"dtype": name, "path": path, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
+                    continue
+                theirs = b[first:]
+                row = {"config": args.checkpoint or args.config, "dtype": name, "path": path, "device": str(device),
+                       "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+                       "seq_len": args.seq_len, "positions": len(a), "max_abs_diff": (a - theirs).abs().max().item(),
+                       "max_abs_logit": theirs.abs().max().item(),
+                       "top1_agreement": (a.argmax(-1) == theirs.argmax(-1)).float().mean().item()}
+                print(json.dumps(row), flush=True)
+        del ours, models, hf, b
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def compiled_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits at positions T/2..T-1 (T/2, V): eager prefill, then one compiled step per token."""
+    T = ids.shape[1]
+    cache = compiled.static_cache(model, 1, T)
+    model(ids[:, : T // 2], cache)
+    step = compiled.CompiledDecoder(model, cache, None)
+    return torch.stack([step(ids[:, i : i + 1])[0] for i in range(T // 2, T)]).float()
 
 
 if __name__ == "__main__":
