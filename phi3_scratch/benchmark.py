@@ -10,7 +10,8 @@ forward pass) is built once, in transformers' Phi3ForCausalLM; phi3_scratch's mo
 very same tensors (no copy), so both read the same memory. Then, alternating between the
 implementations on every run:
 
-    decode_cached     batch 1, a prompt of --prompt-len tokens, --new-tokens greedy tokens, no stopping
+    first_token       batch 1, a prompt of --prompt-len tokens, one new token (the prefill)
+    decode_cached     the same prompt, --new-tokens greedy tokens, no stopping
     decode_uncached   the same without a KV cache
     prefill_T         one forward pass over T tokens, for each T of --prefill
 
@@ -43,7 +44,8 @@ from phi3_scratch.loading import set_parameter
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
 # phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
-OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", "decode_cached"), "phi3_scratch-compiled": ("decode_cached",)}
+OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", "first_token", "decode_cached"),
+        "phi3_scratch-compiled": ("first_token", "decode_cached")}
 SMALL = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 512,
          "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
          "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     prompt = torch.randint(0, vocab, (1, args.prompt_len), device=device)
     n = args.new_tokens
 
-    def decode(name, model, use_cache):
+    def decode(name, model, use_cache, n=n):
         if name.startswith("phi3_scratch"):
             compile = name == "phi3_scratch-compiled"
             return lambda: p3.generate(model, prompt, n, use_cache=use_cache, eos_token_id=[], compile=compile)
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         ids = torch.randint(0, vocab, (1, length), device=device)
         return lambda: model(ids)
 
-    jobs = {("decode_cached", n): lambda name, m: decode(name, m, True),
+    jobs = {("first_token", 1): lambda name, m: decode(name, m, True, 1),
+            ("decode_cached", n): lambda name, m: decode(name, m, True),
             ("decode_uncached", n): lambda name, m: decode(name, m, False)}
     for length in args.prefill:
         if length <= ours.config.max_position_embeddings:
@@ -244,12 +247,21 @@ def main(argv: list[str] | None = None) -> None:
                    "warmup_s": round(warmup[((job, tokens), name)], 3),
                    "ratio_to_transformers_eager": round(base / median, 3) if base else None,
                    "peak_memory_bytes": peaks[((job, tokens), name)], "weights_bytes": weight_bytes}
+            first = times.get((("first_token", 1), name))
+            if job == "decode_cached" and first and tokens > 1:
+                # One decode step, the prefill taken out: (all tokens - the first) / (tokens - 1).
+                step = (median - statistics.median(first)) / (tokens - 1)
+                row.update(decode_step_ms=round(1000 * step, 3))
             if job == "decode_cached" and bandwidth:
-                achieved = step_bytes * tokens / median
                 # The limit is what a device-to-device copy moves, reads and writes counted (as in
-                # docs/PERFORMANCE.md: 7.64 GB / ~4.3 TB/s on an H200).
+                # docs/PERFORMANCE.md: 7.64 GB / ~4.3 TB/s on an H200). End to end counts the
+                # prefill's time too; per step does not.
+                achieved = step_bytes * tokens / median
                 row.update(achieved_gb_per_s=round(achieved / 1e9, 1), copy_gb_per_s=round(bandwidth / 1e9, 1),
                            bandwidth_fraction=round(achieved / bandwidth, 3))
+                if "decode_step_ms" in row:
+                    per_step = step_bytes / (row["decode_step_ms"] / 1000)
+                    row.update(step_gb_per_s=round(per_step / 1e9, 1), step_bandwidth_fraction=round(per_step / bandwidth, 3))
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.markdown:
@@ -288,23 +300,30 @@ def write_markdown(path: Path, rows: list[dict]) -> None:
         "",
         "Written by `scripts/bench.py --markdown`; do not edit by hand. Medians of the runs shown;",
         "the ratio is to transformers' eager attention in the same process, on the same weights.",
+        "tokens/s of decode_cached counts the prefill (first_token) too; a decode step does not:",
+        "(decode_cached - first_token) / (new tokens - 1). Bandwidth (GPU only): the bytes a decode",
+        "step reads over its time, and its fraction of what a device-to-device copy moves.",
         "",
         f"## {first['config']}, {first['dtype']}, {first['device']}, torch {first['torch']}, "
         f"{datetime.date.today().isoformat()}",
         "",
-        "| measure | implementation | tokens/s | ms/token | x transformers eager | peak memory | GB/s (fraction of copy bandwidth) |",
-        "|---|---|---|---|---|---|---|",
+        "| measure | implementation | tokens/s | ms/token | x transformers eager | decode step ms | peak memory "
+        "| GB/s per step (fraction) | GB/s end to end (fraction) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-"
-        bw = f"{r['achieved_gb_per_s']} ({r['bandwidth_fraction']:.0%})" if "achieved_gb_per_s" in r else "-"
+        step = f"{r['decode_step_ms']:.2f}" if "decode_step_ms" in r else "-"
+        per_step = f"{r['step_gb_per_s']} ({r['step_bandwidth_fraction']:.0%})" if "step_gb_per_s" in r else "-"
+        end_to_end = f"{r['achieved_gb_per_s']} ({r['bandwidth_fraction']:.0%})" if "achieved_gb_per_s" in r else "-"
         ratio = f"{r['ratio_to_transformers_eager']:.2f}" if r["ratio_to_transformers_eager"] else "-"
         lines.append(f"| {r['measure']} | {r['impl']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
-                     f"{ratio} | {peak} | {bw} |")
+                     f"{ratio} | {step} | {peak} | {per_step} | {end_to_end} |")
     # Keep the sections for other configs, dtypes or cards already in the file; replace this one.
     key = lambda heading: heading.split(", torch")[0]  # "config, dtype, card"
     old = path.read_text().split("\n## ")[1:] if path.is_file() else []
-    kept = ["\n## " + s for s in old if key(s.splitlines()[0]) != key(lines[5][3:])]
+    heading = next(line for line in lines if line.startswith("## "))[3:]
+    kept = ["\n## " + s for s in old if key(s.splitlines()[0]) != key(heading)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n" + "".join(kept))
 

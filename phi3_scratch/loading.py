@@ -180,11 +180,16 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     for file in files:
         path = folder / file
         with _open(path) as f:
-            for name in f.keys():
-                if name == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # some exports store the tied head too; the embedding is used
-                if name not in expected:
-                    raise Phi3Error(f"{path}: unexpected tensor {name!r}, which a Phi-3 model with this config does not have")
+            names = list(f.keys())
+        for name in names:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # some exports store the tied head too; the embedding is used
+            if name not in expected:
+                raise Phi3Error(f"{path}: unexpected tensor {name!r}, which a Phi-3 model with this config does not have")
+            # The file is opened (memory-mapped) again for each tensor: once the tensor is on the
+            # GPU, closing the file takes its pages out of this process, so host memory holds
+            # about one tensor at a time, not a whole shard.
+            with _open(path) as f:
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(expected[name]):
                     raise Phi3Error(
@@ -194,10 +199,11 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
-                set_parameter(model, name, tensor.to(device=device, dtype=dtype))
-                loaded.add(name)
-                if progress:
-                    progress(len(loaded), total)
+            set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            del tensor  # on a GPU load: the host copy goes now
+            loaded.add(name)
+            if progress:
+                progress(len(loaded), total)
     missing = sorted(set(expected) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
