@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             raise Phi3Error("PROMPT is empty: give some text to continue")
         if "temperature" in args:
             check_sampling(args.temperature, args.top_k, args.top_p)
+        if getattr(args, "compile", False) and getattr(args, "no_cache", False):
+            raise Phi3Error("--compile compiles the cached decode step; it cannot be combined with --no-cache")
         COMMANDS[args.command](args)
     except Phi3Error as e:
         print(f"error: {e}", file=sys.stderr)

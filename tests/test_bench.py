@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+OURS = ("phi3_scratch", "phi3_scratch-sdpa", "phi3_scratch-compiled")
+THEIRS = ("transformers-eager", "transformers-sdpa")
 KEYS = {"measure", "impl", "config", "device", "dtype", "torch", "tokens", "median_s", "tokens_per_s", "ms_per_token",
         "runs_s", "ratio_to_transformers_eager", "peak_memory_bytes", "weights_bytes"}
 
@@ -20,14 +22,19 @@ def test_bench_script_prints_every_measurement(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert {(r["measure"], r["impl"]) for r in rows} == {
-        (m, i) for m in ("decode_cached", "decode_uncached", "prefill_16")
-        for i in ("phi3_scratch", "transformers-eager", "transformers-sdpa")}
+    expected = {("first_token", i) for i in OURS + THEIRS} | {("decode_cached", i) for i in OURS + THEIRS}
+    expected |= {("decode_uncached", i) for i in ("phi3_scratch", *THEIRS)}
+    expected |= {("prefill_16", i) for i in ("phi3_scratch", "phi3_scratch-sdpa", *THEIRS)}
+    assert {(r["measure"], r["impl"]) for r in rows} == expected
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert len(r["runs_s"]) == 2 and r["tokens_per_s"] > 0 and r["ratio_to_transformers_eager"] > 0
+    for r in rows:
+        if r["measure"] == "decode_cached":  # a decode step: (all 4 tokens - the first) / 3
+            first = next(f for f in rows if f["measure"] == "first_token" and f["impl"] == r["impl"])
+            assert abs(r["decode_step_ms"] - 1000 * (r["median_s"] - first["median_s"]) / 3) < 0.01
     table = markdown.read_text()
-    assert table.count("| decode_cached |") == 3 and "torch " in table
+    assert table.count("| decode_cached |") == 5 and "torch " in table
 
 
 def test_parity_script_reports_both_dtypes():
@@ -35,27 +42,34 @@ def test_parity_script_reports_both_dtypes():
     done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro-tied", "--seq-len", "16"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = {r["dtype"]: r for r in map(json.loads, done.stdout.splitlines())}
-    assert set(rows) == {"fp32", "bf16"}
-    assert rows["fp32"]["max_abs_diff"] < 1e-3 and rows["fp32"]["top1_agreement"] == 1.0
-    assert rows["bf16"]["max_abs_diff"] < 0.1 * rows["bf16"]["max_abs_logit"] and rows["bf16"]["top1_agreement"] > 0.5
+    rows = {(r["dtype"], r["path"]): r for r in map(json.loads, done.stdout.splitlines())}
+    assert set(rows) == {(d, p) for d in ("fp32", "bf16") for p in ("eager", "compiled")}
+    for path in ("eager", "compiled"):
+        fp32, bf16 = rows[("fp32", path)], rows[("bf16", path)]
+        assert fp32["max_abs_diff"] < 1e-3 and fp32["top1_agreement"] == 1.0
+        assert bf16["max_abs_diff"] < 0.1 * bf16["max_abs_logit"] and bf16["top1_agreement"] > 0.5
+    assert rows[("fp32", "compiled")]["positions"] == 8  # the second half, one compiled step each
 
 
-def test_bandwidth_figures_use_the_copy_bandwidth_as_the_limit(monkeypatch, capsys):
+def test_bandwidth_figures_use_the_copy_bandwidth_as_the_limit(monkeypatch, capsys, tmp_path):
     """The GPU-only columns, exercised on the CPU with a stand-in copy bandwidth of 1 GB/s."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import bench
+    from phi3_scratch import benchmark
 
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e9)
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--config", "micro", "--runs", "1", "--new-tokens", "3",
-                                      "--prompt-len", "4", "--prefill", "8", "--transformers", "eager"])
-    bench.main()
+    monkeypatch.setattr(benchmark, "copy_bandwidth", lambda device: 1e9)
+    benchmark.main(["--config", "micro", "--runs", "1", "--new-tokens", "3", "--prompt-len", "4", "--prefill", "8",
+                    "--transformers", "eager", "--ours", "phi3_scratch", "--profile", str(tmp_path / "profile.txt")])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     decode = [r for r in rows if r["measure"] == "decode_cached"]
     embed_bytes = 2048 * 256 * 4  # micro's untied embedding, which a decode step does not read
     for r in decode:
-        expected = (r["weights_bytes"] - embed_bytes) * r["tokens"] / r["median_s"] / 1e9  # GB/s
+        step_bytes = r["weights_bytes"] - embed_bytes
+        expected = step_bytes * r["tokens"] / r["median_s"] / 1e9  # GB/s
         # within 1%: median_s in the row is rounded to 10 microseconds
         assert abs(r["achieved_gb_per_s"] - expected) < 0.01 * expected + 0.05
         assert abs(r["bandwidth_fraction"] - expected) < 0.01 * expected  # divided by the 1 GB/s copy figure
+        per_step = step_bytes / (r["decode_step_ms"] / 1000) / 1e9
+        assert abs(r["step_gb_per_s"] - per_step) < 0.01 * per_step + 0.05
     assert all("bandwidth_fraction" not in r for r in rows if r["measure"] != "decode_cached")
+    profile = (tmp_path / "profile.txt").read_text()
+    assert "## eager: prefill of 4 + 10 decode steps" in profile and "## compiled:" in profile
+    assert "aten::mm" in profile  # the eager table names the matrix products

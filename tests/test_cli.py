@@ -95,6 +95,32 @@ def test_bench_reports_both_runs(tiny, capsys):
     assert re.search(r"the cache is [\d.]+x faster", out)
 
 
+def test_bench_with_compile_adds_the_compiled_row(tiny, capsys):
+    torch._dynamo.reset()
+    code, out, _ = run(capsys, "bench", "The", "--model", tiny, "--max-new-tokens", 8, "--runs", 1, "--compile")
+    assert code == 0
+    assert re.search(r"cache, compiled\s+median\s+[\d.]+ s\s+[\d.]+ tokens/s", out)
+
+
+def test_bench_vs_transformers_prints_json_for_both(tiny, capsys):
+    code, out, _ = run(capsys, "bench", "The KV cache", "--model", tiny, "--vs-transformers", "--max-new-tokens", 3,
+                       "--runs", 1, "--prefill", 8)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    impls = {r["impl"] for r in rows if r["measure"] == "decode_cached"}
+    assert {"phi3_scratch", "phi3_scratch-compiled", "transformers-eager", "transformers-sdpa"} <= impls
+    prompt = len(Tokenizer.from_pretrained(tiny).encode("The KV cache"))
+    assert f"a random prompt of {prompt} tokens" in out and all(r["config"] == str(tiny) for r in rows)
+
+
+def test_generate_with_compile_or_sdpa_prints_the_eager_text(tiny, capsys):
+    args = ["generate", "What does generate do?", "--model", tiny, "--max-new-tokens", 20]
+    eager = run(capsys, *args)[1]
+    assert run(capsys, *args, "--attention", "sdpa")[1] == eager
+    torch._dynamo.reset()
+    assert run(capsys, *args, "--compile")[1] == eager
+
+
 def test_arch_counts_every_parameter(tiny, capsys):
     code, out, _ = run(capsys, "arch", "--model", tiny)
     model = p3.Phi3ForCausalLM.from_pretrained(tiny)
@@ -126,6 +152,8 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
         (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
         (["arch", "--model", "{no_tokenizer}"], "tokenizer.model"),
         (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: temperature must be a number >= 0"),
+        (["generate", "hi", "--model", "{tiny}", "--compile", "--no-cache"], "error: --compile compiles the cached decode step; it cannot be combined with --no-cache"),
+        (["generate", "hi", "--model", "{tiny}", "--attention", "flash"], "argument --attention: invalid choice"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(tiny, tmp_path, capsys, argv, message):
