@@ -22,6 +22,8 @@ that prompts of different lengths share one compiled step.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .cache import KVCache
@@ -86,8 +88,10 @@ def static_cache(model, batch_size: int, needed: int) -> KVCache:
     weight = model.lm_head.weight
     key = (batch_size, max_len, weight.dtype, weight.device)
     held = getattr(model, "_static_cache", None)
-    if held is None or held[0] != key:
+    in_use = held is not None and held[1].decoder() is not None  # by a stream still being read
+    if held is None or held[0] != key or in_use:
         cache = model.new_cache(batch_size, max_len=max_len)
+        cache.decoder = lambda: None  # no CompiledDecoder is using it yet
         cache.real = torch.ones(batch_size, max_len, dtype=torch.bool, device=weight.device)
         for t in cache.keys + cache.values + [cache.real]:
             # The graph reads and writes these in place, at addresses that must never change.
@@ -103,6 +107,7 @@ class CompiledDecoder:
 
     def __init__(self, model, cache: KVCache, attention_mask: torch.Tensor | None):
         self.model, self.cache = model, cache
+        cache.decoder = weakref.ref(self)  # while this decoder lives, static_cache hands out another cache
         self.real = cache.real  # (B, max_len): the prompt's padding; every generated token is real
         self.real.fill_(True)
         if attention_mask is not None:

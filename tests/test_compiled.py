@@ -137,3 +137,15 @@ def test_unknown_attention_kernel_is_refused(checkpoints):
         p3.Phi3ForCausalLM.from_pretrained(folder, attention="flash")
     with pytest.raises(p3.Phi3Error, match="'eager' or 'sdpa', got 'flash'"):
         p3.Phi3ForCausalLM.from_pretrained(folder).set_attention("flash")
+
+
+def test_two_compiled_streams_on_one_model_do_not_share_a_cache(checkpoints):
+    """The model keeps one cache for compiled decoding; a second stream read while the first is
+    still open must get its own, or each would overwrite the other's keys."""
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    a, b = torch.randint(3, 256, (1, 6)), torch.randint(3, 256, (1, 9))
+    first = p3.stream_tokens(model, a, 8, eos_token_id=[], compile=True)
+    second = p3.stream_tokens(model, b, 8, eos_token_id=[], compile=True)
+    interleaved = [(next(first), next(second)) for _ in range(8)]
+    assert torch.equal(torch.stack([x for x, _ in interleaved], 1), p3.generate(model, a, 8, eos_token_id=[])[:, 6:])
+    assert torch.equal(torch.stack([y for _, y in interleaved], 1), p3.generate(model, b, 8, eos_token_id=[])[:, 9:])
