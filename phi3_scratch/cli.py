@@ -214,7 +214,7 @@ def cmd_bench(args, loaded=None) -> None:
     ways = {"with KV cache": dict(use_cache=True), "without cache": dict(use_cache=False)}
     if getattr(args, "compile", False):
         ways["cache, compiled"] = dict(use_cache=True, compile=True)
-        generate(model, ids, 2, eos_token_id=[], compile=True)  # compiles the step, outside the timing
+        generate(model, ids, args.max_new_tokens, eos_token_id=[], compile=True)  # compiles, outside the timing
     times = {way: [] for way in ways}
     for run in range(args.runs):  # alternate, so that every way sees the same machine conditions
         for way, options in ways.items():

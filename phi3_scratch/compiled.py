@@ -15,19 +15,21 @@ outside the layers:
     checks         none inside the step: stream_tokens validated its input once, before the loop
 
 The prompt (prefill) and the LongRoPE cache rebuild still run eagerly, into the same cache tensors.
-The cache is kept on the model and reused by the next call of the same shape, so that the compiled
-code and its CUDA graph are reused too; its length is rounded up to a multiple of CACHE_BLOCK so
-that prompts of different lengths share one compiled step.
+Each cache length is one more compilation (about a minute for Phi-3-mini on a GPU), so lengths
+come in few sizes: CACHE_BLOCK (256) positions, doubled until the sequence fits. The cache is kept
+on the model and reused by the next call that fits in it, so that the compiled code and its CUDA
+graph are reused too. Should torch still reach its recompile limit, the stream goes on with the
+same step uncompiled, with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
 
 from .cache import KVCache
-from .errors import Phi3Error
 from .model import slot_mask
 
 CACHE_BLOCK = 256
@@ -82,24 +84,29 @@ def compiled_step(device: torch.device):
 def static_cache(model, batch_size: int, needed: int) -> KVCache:
     """The model's reusable decode cache for batch_size rows and at least `needed` positions, empty.
 
-    It also holds `real` (B, max_len), the padding mask of the compiled step, kept at one address too.
+    The cache the model holds is reused if it is large enough and no open stream is using it;
+    otherwise a new one of CACHE_BLOCK x 2^k positions replaces it. It also holds `real`
+    (B, max_len), the padding mask of the compiled step, kept at one address too.
     """
-    max_len = min(-(-needed // CACHE_BLOCK) * CACHE_BLOCK, model.config.max_position_embeddings)
+    max_len = CACHE_BLOCK
+    while max_len < needed:
+        max_len *= 2
+    max_len = min(max_len, model.config.max_position_embeddings)
     weight = model.lm_head.weight
-    key = (batch_size, max_len, weight.dtype, weight.device)
     held = getattr(model, "_static_cache", None)
-    in_use = held is not None and held[1].decoder() is not None  # by a stream still being read
-    if held is None or held[0] != key or in_use:
+    fits = held is not None and held.batch_size == batch_size and held.max_len >= needed and \
+        held.keys[0].dtype == weight.dtype and held.keys[0].device == weight.device
+    if not fits or held.decoder() is not None:  # too small, another kind, or in use by an open stream
         cache = model.new_cache(batch_size, max_len=max_len)
         cache.decoder = lambda: None  # no CompiledDecoder is using it yet
         cache.real = torch.ones(batch_size, max_len, dtype=torch.bool, device=weight.device)
         for t in cache.keys + cache.values + [cache.real]:
             # The graph reads and writes these in place, at addresses that must never change.
             torch._dynamo.mark_static_address(t)
-        held = (key, cache)
+        held = cache
         object.__setattr__(model, "_static_cache", held)  # a plain attribute, not a submodule or buffer
-    held[1].reset()
-    return held[1]
+    held.reset()
+    return held
 
 
 class CompiledDecoder:
@@ -122,13 +129,16 @@ class CompiledDecoder:
         # A fresh (B, 1) tensor: a column sliced from the sequence has strides that change with its
         # length, and every new stride would compile the step again.
         token = token.clone(memory_format=torch.contiguous_format)
+        args = (self.model, self.cache.keys, self.cache.values, token, slot, self.real)
         try:
-            logits = self.step(self.model, self.cache.keys, self.cache.values, token, slot, self.real)
+            logits = self.step(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            raise Phi3Error(
-                f"compile=True: torch has compiled the decode step for "
-                f"{torch._dynamo.config.recompile_limit} different shapes (batch size, cache length, dtype, "
-                f"model) in this process, its limit; raise torch._dynamo.config.recompile_limit or call "
-                f"torch._dynamo.reset()") from None
+            warnings.warn(
+                f"compile=True: torch has compiled the decode step for {torch._dynamo.config.recompile_limit} "
+                f"shapes (batch size, cache length, dtype, model) in this process, its limit; this stream "
+                f"goes on uncompiled (raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset())",
+                stacklevel=2)
+            self.step = decode_step  # the same step, run eagerly: the same tokens, without the speed
+            logits = self.step(*args)
         self.cache.advance(1)
         return logits.clone()  # the graph's output buffer is reused by the next replay

@@ -101,11 +101,15 @@ class Phi3Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, nKV, S, hd): earlier positions + these
 
         if self.kernel == "sdpa" and trace is None:
-            # The same softmax(q k^T / sqrt(hd) + mask) v in one fused torch kernel (flash or
-            # memory-efficient attention on a GPU): the (T, S) probabilities are never stored.
-            # The mask, in q's dtype, keeps a finite "most negative" value: see the fp16 note below.
+            # The same softmax(q k^T / sqrt(hd) + mask) v in one fused torch kernel (on a GPU the
+            # memory-efficient one, which takes a mask): the (T, S) probabilities are never stored.
+            # That kernel wants as many kv heads as query heads, so each kv head is repeated for
+            # its group. The mask, in q's dtype, keeps a finite "most negative" value: see the fp16 note below.
+            if self.kv_groups > 1:
+                k = k.repeat_interleave(self.kv_groups, dim=1)  # (B, nH, S, hd): head h reads kv head h // groups
+                v = v.repeat_interleave(self.kv_groups, dim=1)
             mask = mask[:, None].clamp(min=torch.finfo(q.dtype).min / 2).to(q.dtype)  # (B, 1, T, S)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_groups > 1)  # (B, nH, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nH, T, hd)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
         q = q.view(B, self.num_kv_heads, self.kv_groups, T, self.head_dim)  # (B, nKV, groups, T, hd)

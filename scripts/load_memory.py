@@ -74,11 +74,12 @@ def measure(folder: Path, naive: bool, device: str = "cpu") -> dict:
         torch.zeros(1, device=device)  # the CUDA context's host memory is not the loader's
         torch.cuda.reset_peak_memory_stats()
         gpu_before = torch.cuda.memory_allocated()
+    counted_from = "the start of loading"
     try:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
         before = _status("VmRSS")
     except OSError:  # some containers forbid it: then the peak counts from the process's start
-        before = 0
+        before, counted_from = 0, "the process's start (clear_refs not allowed): torch and CUDA included"
     if naive:
         from safetensors.torch import load_file
 
@@ -103,7 +104,8 @@ def measure(folder: Path, naive: bool, device: str = "cpu") -> dict:
         model(torch.randint(0, model.config.vocab_size, (1, 8), device=device))
     if not cuda:
         peak = _status("VmHWM") - before
-    return {**row, "peak_rss_growth_bytes": peak, "peak_over_weights": round(peak / weights, 3)}
+    return {**row, "peak_rss_growth_bytes": peak, "peak_over_weights": round(peak / weights, 3),
+            "peak_rss_counted_from": counted_from}
 
 
 def main() -> None:

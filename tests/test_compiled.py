@@ -70,12 +70,35 @@ def test_compiled_decode_reuses_its_cache_and_compiled_step(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ids = torch.randint(3, 256, (1, 5))
     first = p3.generate(model, ids, 6, eos_token_id=[], compile=True)
-    graphs, cache = compiled_graphs(), model._static_cache[1]
+    graphs, cache = compiled_graphs(), model._static_cache
     second = p3.generate(model, torch.randint(3, 256, (1, 9)), 6, eos_token_id=[], compile=True)
     assert compiled_graphs() == graphs, "a second prompt length recompiled the step"
-    assert model._static_cache[1] is cache
+    assert model._static_cache is cache
     assert cache.max_len == min(compiled.CACHE_BLOCK, model.config.max_position_embeddings)
     assert first.shape == (1, 11) and second.shape == (1, 15)
+
+
+def test_cache_lengths_double_and_a_larger_cache_is_reused(checkpoints, monkeypatch):
+    """Few cache lengths, so few compilations: 16, 32, 64 here (CACHE_BLOCK set to 16)."""
+    monkeypatch.setattr(compiled, "CACHE_BLOCK", 16)
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-longrope")[0])
+    lengths = []
+    for prompt, new in ((4, 8), (20, 10), (40, 10), (5, 3)):
+        ids = torch.randint(3, 256, (1, prompt))
+        out = p3.generate(model, ids, new, eos_token_id=[], compile=True)
+        assert torch.equal(out, p3.generate(model, ids, new, eos_token_id=[]))
+        lengths.append(model._static_cache.max_len)
+    assert lengths == [16, 32, 64, 64]  # the last, short request reuses the 64-position cache
+
+
+def test_at_the_recompile_limit_the_stream_goes_on_uncompiled(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids = torch.randint(3, 256, (2, 5))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        p3.generate(model, ids[:1], 4, eos_token_id=[], compile=True)  # compiles for batch 1
+        with pytest.warns(UserWarning, match="goes on uncompiled"):  # batch 2 would be a second compilation
+            out = p3.generate(model, ids, 6, eos_token_id=[], compile=True)
+    assert torch.equal(out, p3.generate(model, ids, 6, eos_token_id=[]))
 
 
 def test_compiled_decode_stops_at_the_same_token(checkpoints):
