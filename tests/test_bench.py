@@ -57,7 +57,7 @@ def test_bandwidth_figures_use_the_copy_bandwidth_as_the_limit(monkeypatch, caps
 
     monkeypatch.setattr(benchmark, "copy_bandwidth", lambda device: 1e9)
     benchmark.main(["--config", "micro", "--runs", "1", "--new-tokens", "3", "--prompt-len", "4", "--prefill", "8",
-                    "--transformers", "eager", "--ours", "phi3_scratch", "--profile", str(tmp_path / "profile.txt")])
+                    "--transformers", "eager", "--ours", "phi3_scratch", "phi3_scratch-compiled-sdpa", "--profile", str(tmp_path / "profile.txt")])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     decode = [r for r in rows if r["measure"] == "decode_cached"]
     embed_bytes = 2048 * 256 * 4  # micro's untied embedding, which a decode step does not read
