@@ -7,7 +7,7 @@
 #   bash scripts/readme_outputs.sh            (about 5 minutes on 2 cores)
 set -u
 cd "$(dirname "$0")/.."
-P=${PHI3_SCRATCH:-.venv/bin/phi3-scratch}
+P=${PHI3_SCRATCH:-$PWD/.venv/bin/phi3-scratch}
 OUT=${OUT:-/tmp/readme-outputs}
 rm -rf "$OUT"; mkdir -p "$OUT"
 export PHI3_SCRATCH_CACHE="$OUT/cache"  # an empty cache: the tour trains the tiny model, as a new user's does
@@ -23,7 +23,7 @@ $P bench "The KV cache" --model tiny --vs-transformers --runs 3 > "$OUT/bench-vs
 printf '\n1\nq\n' | $P step "The KV cache" --model tiny --top-k 4 > "$OUT/step.txt" 2>/dev/null
 $P lens "What does generate do?" --chat --model tiny > "$OUT/lens.txt" 2>/dev/null
 $P lens "The KV cache" --model tiny --all-positions > "$OUT/lens-all.txt" 2>/dev/null
-$P attention "The KV cache keeps keys" --model tiny --layer all --out "$OUT/attention-all.png" > "$OUT/attention.txt" 2>/dev/null
+(cd "$OUT" && $P attention "The KV cache keeps keys" --model tiny --layer all --out attention-all.png > attention.txt 2>/dev/null)
 $P compare --model tiny > "$OUT/compare.txt" 2>/dev/null
 $P generate "" --model tiny > "$OUT/error-empty.txt" 2>&1
 $P generate hi --model tiny --max-new-tokens 0 > "$OUT/error-zero.txt" 2>&1
