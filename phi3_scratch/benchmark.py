@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                    "ratio_to_transformers_eager": round(base / median, 3) if base else None,
                    "peak_memory_bytes": peaks[((job, tokens), name)], "weights_bytes": weight_bytes}
             first = times.get((("first_token", 1), name))
+            step = None
             if job == "decode_cached" and first and tokens > 1:
                 # One decode step, the prefill taken out: (all tokens - the first) / (tokens - 1).
                 step = (median - statistics.median(first)) / (tokens - 1)
@@ -260,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                 achieved = step_bytes * tokens / median
                 row.update(achieved_gb_per_s=round(achieved / 1e9, 1), copy_gb_per_s=round(bandwidth / 1e9, 1),
                            bandwidth_fraction=round(achieved / bandwidth, 3))
-                if "decode_step_ms" in row:
-                    per_step = step_bytes / (row["decode_step_ms"] / 1000)
+                if step:
+                    per_step = step_bytes / step
                     row.update(step_gb_per_s=round(per_step / 1e9, 1), step_bandwidth_fraction=round(per_step / bandwidth, 3))
             rows.append(row)
             print(json.dumps(row), flush=True)

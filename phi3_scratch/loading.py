@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import Phi3Config
 from .errors import Phi3Error
+from .model import check_attention_kernel
 
 HUB_FILES = [
     "config.json",
@@ -164,8 +165,7 @@ def _checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
 def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, attention="eager") -> nn.Module:
     """progress, if given, is called as progress(tensors_done, tensors_total) after each tensor;
     attention is "eager" or "sdpa" (Phi3ForCausalLM.set_attention)."""
-    if attention not in ("eager", "sdpa"):
-        raise Phi3Error(f"attention must be 'eager' or 'sdpa', got {attention!r}")
+    check_attention_kernel(attention)  # before minutes of loading
     device = resolve_device(device)
     folder = resolve_checkpoint(path_or_repo_id)
     config = Phi3Config.from_pretrained(folder)

@@ -240,8 +240,7 @@ class Phi3ForCausalLM(nn.Module):
         scaled_dot_product_attention: faster for long inputs, the same logits to rounding. A
         trace (tracing.py) always runs the eager code, to record the attention probabilities.
         """
-        if kernel not in ("eager", "sdpa"):
-            raise Phi3Error(f"attention kernel must be 'eager' or 'sdpa', got {kernel!r}")
+        check_attention_kernel(kernel)
         for layer in self.model.layers:
             layer.self_attn.kernel = kernel
         return self
@@ -271,6 +270,11 @@ class Phi3ForCausalLM(nn.Module):
 
 
 # --------------------------------------------------------------------------- inputs and masks
+
+
+def check_attention_kernel(kernel) -> None:
+    if kernel not in ("eager", "sdpa"):
+        raise Phi3Error(f"attention must be 'eager' or 'sdpa', got {kernel!r}")
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:

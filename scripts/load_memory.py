@@ -22,16 +22,11 @@ from pathlib import Path
 import torch
 
 import phi3_scratch as p3
+from phi3_scratch.benchmark import MINI  # Phi-3-mini-4k-instruct's shape; `make --mini-layers N` keeps N layers
 
 SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
              original_max_position_embeddings=256)
-
-
-# Phi-3-mini-4k-instruct's widths; `make --mini-layers N` keeps N of its 32 layers.
-MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-            original_max_position_embeddings=4096)
 
 
 def make(folder: Path, dtype: torch.dtype, mini_layers: int | None = None) -> None:
