@@ -5,7 +5,7 @@
     out = p3.generate(model, input_ids, max_new_tokens=200)
 
 Read in this order: config.py, rotary.py, model.py, cache.py, generation.py, loading.py, then
-tokenizer.py and cli.py (the `phi3-scratch` command) and tiny.py (the built-in tiny model).
+tokenizer.py and cli.py (the `phi3-scratch` command); family.py holds the six published configs.
 """
 
 from .cache import KVCache

@@ -40,18 +40,17 @@ from pathlib import Path
 import torch
 
 import phi3_scratch as p3
+from phi3_scratch import family
 from phi3_scratch.loading import set_parameter
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
 # phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
 OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", "first_token", "decode_cached"),
         "phi3_scratch-compiled": ("first_token", "decode_cached"),
         "phi3_scratch-compiled-sdpa": ("first_token", "decode_cached")}  # not run unless --ours names it
-SMALL = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064, "hidden_size": 512,
-         "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
-         "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
-         "rope_scaling": None, "sliding_window": 2047, "tie_word_embeddings": False, "bos_token_id": 1,
-         "eos_token_id": 32000, "pad_token_id": 32000}
+# Phi-3-mini-4k-instruct's shape (3.8B parameters), from the family data; the others scale it down.
+MINI = family.official_config("microsoft/Phi-3-mini-4k-instruct")
+SMALL = {**MINI, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
+         "num_key_value_heads": 8}
 
 
 # Small enough that the weights (8 MB) stay in the CPU's caches: per-token overhead, not memory, dominates.
@@ -61,19 +60,17 @@ MICRO = {**SMALL, "vocab_size": 2048, "eos_token_id": 2, "pad_token_id": 0, "hid
 
 # Small, tied and grouped-query like Phi-4-mini: checks that both models really share one head.
 MICRO_TIED = {**MICRO, "num_key_value_heads": 2, "tie_word_embeddings": True}
-# Phi-3-mini-4k-instruct's shape (3.8B parameters), for machines without shared/fixtures.
-MINI = {**SMALL, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 32}
 BUILT_IN = {"small": SMALL, "micro": MICRO, "micro-tied": MICRO_TIED, "phi3-mini": MINI}
 
 
 def config_dict(name: str) -> dict:
+    """A built-in shape, or a Phi-3 family member by repo id or name (family.py)."""
     if name in BUILT_IN:
         return dict(BUILT_IN[name])
-    path = FIXTURES / name / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"error: --config {name!r}: expected one of {sorted(BUILT_IN)} or a folder of {FIXTURES}")
-    return json.loads(path.read_text())
+    if family.find(name) is None:
+        raise SystemExit(f"error: --config {name!r}: expected one of {sorted(BUILT_IN)} or a Phi-3 family model, "
+                         f"one of {family.repo_ids()}")
+    return family.official_config(name)
 
 
 def build(args, device, dtype):
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small",
                         help="'small' (186 MB of weights), 'micro' (8 MB), 'phi3-mini' (Phi-3-mini-4k's shape) "
-                             "or a folder name of shared/fixtures/configs")
+                             "or a Phi-3 family model (e.g. microsoft/Phi-3.5-mini-instruct, or phi-4)")
     parser.add_argument("--checkpoint", help="a real checkpoint folder instead of random weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bf16 on a GPU, fp32 on the CPU")
@@ -248,28 +245,38 @@ def main(argv: list[str] | None = None) -> None:
                    "warmup_s": round(warmup[((job, tokens), name)], 3),
                    "ratio_to_transformers_eager": round(base / median, 3) if base else None,
                    "peak_memory_bytes": peaks[((job, tokens), name)], "weights_bytes": weight_bytes}
-            first = times.get((("first_token", 1), name))
-            step = None
-            if job == "decode_cached" and first and tokens > 1:
-                # One decode step, the prefill taken out: (all tokens - the first) / (tokens - 1).
-                step = (median - statistics.median(first)) / (tokens - 1)
-                row.update(decode_step_ms=round(1000 * step, 3))
-            if job == "decode_cached" and bandwidth:
-                # The limit is what a device-to-device copy moves, reads and writes counted (as in
-                # docs/PERFORMANCE.md: 7.64 GB / ~4.3 TB/s on an H200). End to end counts the
-                # prefill's time too; per step does not.
-                achieved = step_bytes * tokens / median
-                row.update(achieved_gb_per_s=round(achieved / 1e9, 1), copy_gb_per_s=round(bandwidth / 1e9, 1),
-                           bandwidth_fraction=round(achieved / bandwidth, 3))
-                if step:
-                    per_step = step_bytes / step
-                    row.update(step_gb_per_s=round(per_step / 1e9, 1), step_bandwidth_fraction=round(per_step / bandwidth, 3))
+            if job == "decode_cached":
+                first = times.get((("first_token", 1), name))
+                row.update(decode_figures(median, statistics.median(first) if first else None, tokens, step_bytes,
+                                          bandwidth))
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.markdown:
         write_markdown(args.markdown, rows)
     if args.profile:
         write_profile(args.profile, ours, prompt, device)
+
+
+def decode_figures(median: float, first: float | None, tokens: int, step_bytes: int,
+                   bandwidth: float | None) -> dict:
+    """A cached decode's per-step time and bandwidth columns, from its median and the prefill's.
+
+    One decode step takes out the prefill: (median - first) / (tokens - 1). On a busy machine that
+    difference of two medians can come out at zero or below; the step columns are then None
+    rather than a negative time. The bandwidth limit (only on a GPU) is what a device-to-device
+    copy moves, reads and writes counted (docs/PERFORMANCE.md: 7.64 GB / ~4.3 TB/s on an H200).
+    End to end counts the prefill's time too; per step does not.
+    """
+    step = (median - first) / (tokens - 1) if first is not None and tokens > 1 else None
+    step = step if step is not None and step > 0 else None
+    row = {"decode_step_ms": None if step is None else round(1000 * step, 3)}
+    if bandwidth:
+        achieved = step_bytes * tokens / median
+        row.update(achieved_gb_per_s=round(achieved / 1e9, 1), copy_gb_per_s=round(bandwidth / 1e9, 1),
+                   bandwidth_fraction=round(achieved / bandwidth, 3),
+                   step_gb_per_s=None if step is None else round(step_bytes / step / 1e9, 1),
+                   step_bandwidth_fraction=None if step is None else round(step_bytes / step / bandwidth, 3))
+    return row
 
 
 def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device) -> None:
@@ -317,8 +324,8 @@ def write_markdown(path: Path, rows: list[dict]) -> None:
     ]
     for r in rows:
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-"
-        step = f"{r['decode_step_ms']:.2f}" if "decode_step_ms" in r else "-"
-        per_step = f"{r['step_gb_per_s']} ({r['step_bandwidth_fraction']:.0%})" if "step_gb_per_s" in r else "-"
+        step = f"{r['decode_step_ms']:.2f}" if r.get("decode_step_ms") is not None else "-"
+        per_step = f"{r['step_gb_per_s']} ({r['step_bandwidth_fraction']:.0%})" if r.get("step_gb_per_s") is not None else "-"
         end_to_end = f"{r['achieved_gb_per_s']} ({r['bandwidth_fraction']:.0%})" if "achieved_gb_per_s" in r else "-"
         ratio = f"{r['ratio_to_transformers_eager']:.2f}" if r["ratio_to_transformers_eager"] else "-"
         lines.append(f"| {r['measure']} | {r['impl']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "

@@ -11,8 +11,8 @@
     attention PROMPT   the attention probabilities as a heatmap (PNG; needs matplotlib)
     compare            this model and transformers' on the same weights, intermediate by intermediate
 
-Every command takes --model (a folder, a Hugging Face repo id, or `tiny`: a small model this
-project trains for itself, see tiny.py), --device and --dtype.
+Every command takes --model (a folder, a Hugging Face repo id, or `tiny`: a small model that
+ships with this package, see scripts/train_tiny.py), --device and --dtype.
 """
 
 from __future__ import annotations
@@ -21,17 +21,19 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from .errors import Phi3Error
 from .generation import check_sampling, generate, stream_tokens
-from .loading import resolve_checkpoint
+from .config import Phi3Config
+from .loading import CONFIG_FILES, resolve_checkpoint, resolve_dtype
 from .model import Phi3ForCausalLM
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
-TOUR_PROMPT = "What does stream_tokens do?"
+TOUR_PROMPT = "What does the KV cache do?"  # a question of the tiny model's corpus (scripts/tiny_corpus.txt)
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,11 +57,25 @@ def log(message: str = "", end: str = "\n") -> None:
 
 
 def model_folder(args):
-    if args.model == "tiny":
-        from .tiny import tiny_folder
-
-        return tiny_folder()
     return resolve_checkpoint(args.model)  # a repo id downloads here, with huggingface-hub's bars
+
+
+def meta_model(args) -> Phi3ForCausalLM:
+    """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`.
+
+    A Phi-3 family repo id needs no download at all (family.py knows its config); another repo id
+    downloads only its config files.
+    """
+    from .family import config as family_config, find
+
+    folder = Path(args.model).expanduser()
+    if not folder.is_dir() and find(args.model):
+        config = family_config(args.model)
+    else:
+        config = Phi3Config.from_pretrained(resolve_checkpoint(args.model, CONFIG_FILES))
+    dtype = resolve_dtype(args.dtype or config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
+    with torch.device("meta"):
+        return Phi3ForCausalLM(config).to(dtype)
 
 
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
@@ -167,7 +183,8 @@ def cmd_chat(args) -> None:
 
 
 def cmd_arch(args, model=None) -> None:
-    model = model or load(args)[0]
+    """The module tree and sizes; without a loaded model, from the config alone (no weights read)."""
+    model = model or meta_model(args)
     c = model.config
     print(model)
     layers = model.model.layers
@@ -186,7 +203,8 @@ def cmd_arch(args, model=None) -> None:
     print(f"{'total':34s}{total:>16,}")
     element = model.lm_head.weight.element_size()
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # k and v
-    print(f"\nweights: {weight_bytes(model) / 2**30:.3f} GiB in {model.lm_head.weight.dtype}")
+    size = weight_bytes(model)
+    print(f"\nweights: {size / 1e9:.3f} GB ({size / 2**30:.3f} GiB) in {model.lm_head.weight.dtype}")
     print(f"KV cache: {per_token / 1024:.1f} KiB per token (2 x {c.num_hidden_layers} layers x "
           f"{c.num_key_value_heads} kv heads x {c.head_dim} x {element} B); "
           f"{per_token * c.max_position_embeddings / 2**30:.3f} GiB for all {c.max_position_embeddings} positions")

@@ -49,6 +49,7 @@ class Phi3Config:
     eos_token_id: int | list[int] | None = 32000
     pad_token_id: int | None = 32000
     stop_token_ids: list[int] = field(default_factory=list)  # what generate() stops at
+    torch_dtype: str | None = None  # the weights' dtype as config.json names it ("bfloat16"), if it does
     source: str = "<in memory>"  # the file this config was read from, for error messages
 
     def __post_init__(self):
@@ -173,6 +174,7 @@ class Phi3Config:
                 eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
                 stop_token_ids=_as_id_list(d.get("eos_token_id")),
+                torch_dtype=d.get("torch_dtype") or d.get("dtype"),  # official / transformers 5
                 source=source,
             )
         except KeyError as e:

@@ -1,9 +1,10 @@
 """Loading a checkpoint: from a folder or a Hugging Face repo id, straight onto the device.
 
 The steps, and why:
-1. Find the folder. A local path is used as it is; otherwise the name is a Hugging Face repo id,
-   and huggingface-hub downloads only the files this project reads (config, generation config,
-   safetensors, tokenizer), into its usual cache.
+1. Find the folder. A local path is used as it is; "tiny" is the small model that ships inside
+   this package (data/tiny, made by scripts/train_tiny.py); otherwise the name is a Hugging Face
+   repo id, and huggingface-hub downloads only the files this project reads (config, generation
+   config, safetensors, tokenizer), into its usual cache.
 2. Read config.json (both on-disk formats, see config.py).
 3. Build the model on the "meta" device: every parameter has a shape and a dtype but no storage,
    so building a 14B model costs no memory at all.
@@ -14,13 +15,14 @@ The steps, and why:
 
 Only safetensors are read. They hold raw numbers and a JSON header: loading one cannot run code,
 unlike the pickle files (`pytorch_model.bin`) that older checkpoints ship, which are refused.
+Nothing outside the checkpoint folder is read, whatever file names its index holds.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -49,9 +51,11 @@ DTYPES = {
 }
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TINY = Path(__file__).parent / "data" / "tiny"  # `--model tiny`: see scripts/train_tiny.py
 
 
 TOKENIZER_FILES = [f for f in HUB_FILES if "safetensors" not in f]
+CONFIG_FILES = ["config.json", "generation_config.json"]
 
 
 def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES) -> Path:
@@ -63,6 +67,8 @@ def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES
     if path.is_dir():
         return path
     name = str(path_or_repo_id)
+    if name == "tiny":
+        return TINY
     if path.exists():
         raise Phi3Error(f"{name} is a file; expected a checkpoint folder (with config.json) or a repo id")
     if not REPO_ID.match(name):
@@ -124,10 +130,16 @@ def weight_files(folder: Path) -> list[str]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise Phi3Error(f"{index} is not a safetensors index (expected a 'weight_map'): {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise Phi3Error(f"{index}: weight_map must map tensor names to shard file names, got {weight_map!r:.200}")
         files = sorted(set(weight_map.values()))
         if not files:
             raise Phi3Error(f"{index} names no shard: its weight_map is empty")
         for file in files:
+            parts = PurePath(file).parts
+            if not parts or PurePath(file).is_absolute() or ".." in parts:
+                raise Phi3Error(f"{index} names the shard {file!r}, which is outside the checkpoint folder; "
+                                "expected a file name inside it, like 'model-00001-of-00002.safetensors'")
             if not (folder / file).is_file():
                 raise Phi3Error(f"shard {folder / file} is named in {index} but is missing")
         return files

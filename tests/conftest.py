@@ -1,9 +1,9 @@
 """Shared test helpers: tiny random-weight Phi-3 checkpoints made with transformers.
 
-Each of the six real configs in ../shared/fixtures/configs is scaled down (2 layers, head_dim 16,
-vocabulary 256) keeping what makes it different: its query/kv head ratio, partial rotary, tied
-embeddings, LongRoPE (with original_max 32, so a short test crosses the switch) and its sliding
-window (8 where the real model has one small enough to matter, 2047).
+Each of the six real configs (phi3_scratch/data/family.json, see phi3_scratch/family.py) is scaled
+down (2 layers, head_dim 16, vocabulary 256) keeping what makes it different: its query/kv head
+ratio, partial rotary, tied embeddings, LongRoPE (with original_max 32, so a short test crosses
+the switch) and its sliding window (8 where the real model has one small enough to matter, 2047).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from phi3_scratch import family
 
 FIXTURES = Path(os.environ.get("PHI3_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 CONFIGS = FIXTURES / "configs"
@@ -30,9 +32,9 @@ SMALL_WINDOW = 8
 SMALL_ORIGINAL_MAX = 32
 
 
-# Two made-up configs that need no fixture, so that a machine without ../shared still checks the
-# core: one with a sliding window (like Phi-3-mini-4k), one with LongRoPE + GQA + partial rotary +
-# tied embeddings (like Phi-4-mini, with invented factor curves).
+# Two made-up configs, smaller still and quick to check: one with a sliding window (like
+# Phi-3-mini-4k), one with LongRoPE + GQA + partial rotary + tied embeddings (like Phi-4-mini, with
+# invented factor curves).
 _TINY = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=256, hidden_size=64,
              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
              rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -54,7 +56,8 @@ def needs_fixture(path: Path):
 
 
 def real_config(name: str) -> dict:
-    return json.loads((CONFIGS / name / "config.json").read_text())
+    """The published config.json of a family member (the fields this project reads)."""
+    return family.official_config(name)
 
 
 def scaled_config(name: str) -> dict:
@@ -159,5 +162,5 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def model_params(*names: str) -> list:
-    """pytest parameters for model names: the fixture-derived ones skip when the fixtures are absent."""
-    return [pytest.param(n, marks=() if n in INLINE else needs_fixture(CONFIGS)) for n in names]
+    """pytest parameters for model names (a family member's or one of INLINE)."""
+    return [pytest.param(n) for n in names]

@@ -30,9 +30,8 @@ def test_bench_script_prints_every_measurement(tmp_path):
         assert KEYS <= set(r), KEYS - set(r)
         assert len(r["runs_s"]) == 2 and r["tokens_per_s"] > 0 and r["ratio_to_transformers_eager"] > 0
     for r in rows:
-        if r["measure"] == "decode_cached":  # a decode step: (all 4 tokens - the first) / 3
-            first = next(f for f in rows if f["measure"] == "first_token" and f["impl"] == r["impl"])
-            assert abs(r["decode_step_ms"] - 1000 * (r["median_s"] - first["median_s"]) / 3) < 0.01
+        if r["measure"] == "decode_cached":  # a number, or None where the two medians left no positive step
+            assert r["decode_step_ms"] is None or r["decode_step_ms"] > 0
     table = markdown.read_text()
     assert table.count("| decode_cached |") == 5 and "torch " in table
 
@@ -51,7 +50,23 @@ def test_parity_script_reports_both_dtypes():
     assert rows[("fp32", "compiled")]["positions"] == 8  # the second half, one compiled step each
 
 
-def test_bandwidth_figures_use_the_copy_bandwidth_as_the_limit(monkeypatch, capsys, tmp_path):
+def test_decode_figures_follow_from_the_timings():
+    """The per-step and bandwidth columns, from made-up timings (no clock is read)."""
+    from phi3_scratch.benchmark import decode_figures
+
+    # 11 tokens in 0.5 s, of which the prefill (the first token) took 0.1 s: 10 steps of 40 ms.
+    row = decode_figures(0.5, 0.1, 11, step_bytes=8_000_000, bandwidth=1e9)
+    assert row["decode_step_ms"] == 40.0
+    assert row["achieved_gb_per_s"] == 0.2  # 8 MB x 11 tokens / 0.5 s = 176 MB/s, rounded
+    assert row["bandwidth_fraction"] == 0.176 and row["copy_gb_per_s"] == 1.0
+    assert row["step_gb_per_s"] == 0.2 and row["step_bandwidth_fraction"] == 0.2  # 8 MB / 40 ms
+    # On a busy machine the prefill's median can exceed the whole decode's: no negative step.
+    busy = decode_figures(0.1, 0.12, 11, step_bytes=8_000_000, bandwidth=1e9)
+    assert busy["decode_step_ms"] is None and busy["step_gb_per_s"] is None and busy["bandwidth_fraction"] > 0
+    assert decode_figures(0.5, 0.1, 11, 8_000_000, None) == {"decode_step_ms": 40.0}  # the CPU: no copy figure
+
+
+def test_bandwidth_columns_and_profile_on_the_cpu(monkeypatch, capsys, tmp_path):
     """The GPU-only columns, exercised on the CPU with a stand-in copy bandwidth of 1 GB/s."""
     from phi3_scratch import benchmark
 
@@ -60,15 +75,9 @@ def test_bandwidth_figures_use_the_copy_bandwidth_as_the_limit(monkeypatch, caps
                     "--transformers", "eager", "--ours", "phi3_scratch", "phi3_scratch-compiled-sdpa", "--profile", str(tmp_path / "profile.txt")])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     decode = [r for r in rows if r["measure"] == "decode_cached"]
-    embed_bytes = 2048 * 256 * 4  # micro's untied embedding, which a decode step does not read
+    assert {r["impl"] for r in decode} == {"phi3_scratch", "phi3_scratch-compiled-sdpa", "transformers-eager"}
     for r in decode:
-        step_bytes = r["weights_bytes"] - embed_bytes
-        expected = step_bytes * r["tokens"] / r["median_s"] / 1e9  # GB/s
-        # within 1%: median_s in the row is rounded to 10 microseconds
-        assert abs(r["achieved_gb_per_s"] - expected) < 0.01 * expected + 0.05
-        assert abs(r["bandwidth_fraction"] - expected) < 0.01 * expected  # divided by the 1 GB/s copy figure
-        per_step = step_bytes / (r["decode_step_ms"] / 1000) / 1e9
-        assert abs(r["step_gb_per_s"] - per_step) < 0.01 * per_step + 0.05
+        assert r["copy_gb_per_s"] == 1.0 and r["achieved_gb_per_s"] > 0 and "step_bandwidth_fraction" in r
     assert all("bandwidth_fraction" not in r for r in rows if r["measure"] != "decode_cached")
     profile = (tmp_path / "profile.txt").read_text()
     assert "## eager: prefill of 4 + 10 decode steps" in profile and "## compiled:" in profile

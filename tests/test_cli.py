@@ -1,29 +1,28 @@
-"""The `phi3-scratch` commands, run against the tiny checkpoint (a short-trained copy of `--model tiny`)."""
+"""The `phi3-scratch` commands, run against the built-in tiny checkpoint (`--model tiny`)."""
 
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import phi3_scratch as p3
+import phi3_scratch.cli as cli
 from phi3_scratch.cli import main
+from phi3_scratch.loading import TINY
 from phi3_scratch.tokenizer import Tokenizer
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}  # with an empty Hugging Face cache (HF_HOME), nothing can be fetched
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """The built-in tiny checkpoint's recipe with 40 training steps instead of 400, made once."""
-    from phi3_scratch import tiny
-
-    os.environ["PHI3_SCRATCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return tiny.tiny_folder(steps=40, progress=False)
-    finally:
-        del os.environ["PHI3_SCRATCH_CACHE"]
+def tiny():
+    """The built-in tiny checkpoint's folder (phi3_scratch/data/tiny), as a path like any other."""
+    return TINY
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -150,7 +149,7 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
         (["generate", "", "--model", "{tiny}"], "error: PROMPT is empty"),
         (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument --max-new-tokens: expected a positive integer, got '0'"),
         (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
-        (["arch", "--model", "{no_tokenizer}"], "tokenizer.model"),
+        (["generate", "hi", "--model", "{no_tokenizer}"], "tokenizer.model"),
         (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: temperature must be a number >= 0"),
         (["generate", "hi", "--model", "{tiny}", "--compile", "--no-cache"], "error: --compile compiles the cached decode step; it cannot be combined with --no-cache"),
         (["generate", "hi", "--model", "{tiny}", "--attention", "flash"], "argument --attention: invalid choice"),
@@ -173,18 +172,60 @@ def test_bad_input_exits_non_zero_with_one_line(tiny, tmp_path, capsys, argv, me
     assert len(err.strip().splitlines()) == 1 and message in err
 
 
-def test_tour_on_the_built_in_tiny_model_from_a_fresh_cache(tmp_path):
-    """The README's main command, as a user runs it: it trains the tiny model (about a minute) first."""
-    env = {**os.environ, "PHI3_SCRATCH_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "phi3_scratch", "tour", "--model", "tiny"], env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_module(*argv, env=None, pythonpath=None, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m phi3_scratch ARGV` in a fresh process, offline, with an empty Hugging Face cache."""
+    env = {**os.environ, **OFFLINE, **(env or {})}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, "-m", "phi3_scratch", *map(str, argv)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tour_on_the_built_in_tiny_model_trains_nothing(tmp_path):
+    """The README's main command, as a user runs it: offline, from an empty cache, nothing to train."""
+    done = run_module("tour", "--model", "tiny", env={"HF_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     for heading in ("1. Load", "2. Generate", "3. Architecture", "4. Next token", "5. KV cache"):
         assert f"== {heading}" in done.stdout
-    assert "training tiny Phi-3" in done.stderr
-    (folder,) = tmp_path.glob("tiny-*")
-    losses = json.loads((folder / "training.json").read_text())
-    assert losses["final_loss"] < losses["first_loss"] / 2  # it has learned something
+    assert "train" not in done.stderr and not any(tmp_path.iterdir())  # nothing trained, nothing downloaded
+    model, tok = p3.Phi3ForCausalLM.from_pretrained("tiny"), Tokenizer.from_pretrained("tiny")
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": cli.TOUR_PROMPT}]))])
+    new = p3.generate(model, ids, 200, eos_token_id=sorted(set(model.config.stop_token_ids) | set(tok.stop_ids)))
+    answer = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
+    assert f"only the new text ==\n{answer}\n" in done.stdout
+
+
+def test_a_comment_in_the_model_changes_nothing_the_tiny_model_prints(tmp_path):
+    """The tiny model ships as weights: editing the package's source does not retrain or change it."""
+    import shutil
+
+    package = Path(p3.__file__).parent
+    copy = tmp_path / "copy"
+    shutil.copytree(package, copy / "phi3_scratch", ignore=shutil.ignore_patterns("__pycache__"))
+    model_py = copy / "phi3_scratch" / "model.py"
+    source = model_py.read_text()
+    edited = source.replace('"""y = weight', '"""(A learner\'s note.) y = weight').replace(
+        "class Phi3MLP(", "# A learner's comment.\nclass Phi3MLP(")
+    assert edited != source
+    model_py.write_text(edited)
+    args = ("generate", "What does the KV cache do?", "--chat", "--model", "tiny", "--max-new-tokens", 60)
+    original, edited = run_module(*args, cwd=tmp_path), run_module(*args, pythonpath=copy, cwd=tmp_path)
+    assert original.returncode == edited.returncode == 0, edited.stderr
+    assert str(copy) in edited.stderr  # the edited copy really ran
+    assert edited.stdout == original.stdout and len(original.stdout) > 20
+
+
+def test_arch_of_a_family_model_needs_no_download(tmp_path):
+    """`arch` builds the model on the meta device from the family data: offline, no weights, no files."""
+    done = run_module("arch", "--model", "microsoft/Phi-3-mini-4k-instruct", env={"HF_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^total\s+3,821,079,552$", done.stdout, re.M)  # PHI3_REFERENCE: Phi-3-mini's count
+    assert "(qkv_proj): Linear(in_features=3072, out_features=9216, bias=False)" in done.stdout
+    assert "(0-31): 32 x Phi3DecoderLayer" in done.stdout
+    assert "KV cache: 384.0 KiB per token (2 x 32 layers x 32 kv heads x 96 x 2 B)" in done.stdout  # bf16
+    assert "weights: 7.642 GB" in done.stdout and not any(tmp_path.iterdir())
+    done = run_module("arch", "--model", "phi-4", "--dtype", "fp32", env={"HF_HOME": str(tmp_path)})
+    assert re.search(r"^total\s+14,659,507,200$", done.stdout, re.M) and "in torch.float32" in done.stdout
 
 
 def test_chat_survives_a_too_long_message_and_ctrl_c(tiny, capsys, monkeypatch):

@@ -1,4 +1,8 @@
-"""Phi3Config reads the six published configs (official format) and transformers 5's format."""
+"""Phi3Config reads the six published configs (official format) and transformers 5's format.
+
+The configs come from the package's family data (phi3_scratch/data/family.json); where the
+development fixtures are present, one test checks that data against the published files.
+"""
 
 import dataclasses
 import json
@@ -7,9 +11,9 @@ import pytest
 
 import phi3_scratch as p3
 
-from .conftest import CONFIGS, FAMILY, needs_fixture, real_config
+from phi3_scratch import family
 
-pytestmark = needs_fixture(CONFIGS)
+from .conftest import CONFIGS, FAMILY, needs_fixture, real_config
 
 # name: (head_dim, kv_groups, rope_type, rotary_dim, sliding_window, tied)
 EXPECTED = {
@@ -23,17 +27,37 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("name", FAMILY)
-def test_published_configs_load(name):
-    config = p3.Phi3Config.from_pretrained(CONFIGS / name)
+def test_published_configs_load(name, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(real_config(name)))  # as config.json on disk
+    config = p3.Phi3Config.from_pretrained(tmp_path)
     got = (config.head_dim, config.kv_groups, config.rope_type, config.rotary_dim, config.sliding_window,
            config.tie_word_embeddings)
     assert got == EXPECTED[name]
-    if (CONFIGS / name / "generation_config.json").exists():
-        assert config.stop_token_ids == [32000, 32001, 32007]
-    else:
-        assert config.stop_token_ids == [real_config(name)["eos_token_id"]]
+    assert config.stop_token_ids == [real_config(name)["eos_token_id"]]  # config.json alone: its eos only
+    stops = family.config(name).stop_token_ids  # with generation_config.json's list, where it has one
+    assert stops == ([32000, 32001, 32007] if name.startswith("Phi-3") else [real_config(name)["eos_token_id"]])
     if name == "phi-4":
         assert config.rope_theta == 250000.0
+
+
+def test_family_knows_repo_ids_and_short_names():
+    assert family.repo_ids() == [f"microsoft/{name}" for name in FAMILY]
+    assert family.find("microsoft/Phi-3-mini-4k-instruct") == family.find("phi-3-MINI-4k-instruct")
+    assert family.find("microsoft/phi-5") is None
+    with pytest.raises(p3.Phi3Error, match=r"'phi-5' is not a known Phi-3 family model; expected one of \['microsoft/"):
+        family.official_config("phi-5")
+
+
+@needs_fixture(CONFIGS)
+def test_family_data_equals_the_published_config_files():
+    """Every field family.json carries, and the stop ids, as in the published config files."""
+    for name in FAMILY:
+        published = json.loads((CONFIGS / name / "config.json").read_text())
+        ours = real_config(name)
+        assert ours == {key: published[key] for key in ours}, name
+        generation = CONFIGS / name / "generation_config.json"
+        stops = json.loads(generation.read_text())["eos_token_id"] if generation.is_file() else [published["eos_token_id"]]
+        assert family.config(name).stop_token_ids == stops, name
 
 
 def official_to_transformers5(d: dict) -> dict:

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 import phi3_scratch as p3
 
 
-
 @pytest.fixture
 def folder(checkpoints, tmp_path):
     """A private copy of a sharded tiny checkpoint, safe to damage."""
@@ -67,6 +66,26 @@ def test_shard_named_in_index_but_missing(folder):
     gone = shards(folder)[1]
     gone.unlink()
     with pytest.raises(p3.Phi3Error, match=f"shard {gone} is named in .*model.safetensors.index.json but is missing"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent"])
+def test_an_index_that_names_a_file_outside_the_folder_is_refused(folder, tmp_path, where):
+    """Loading reads nothing outside the checkpoint folder, whatever its index names."""
+    outside = tmp_path / "outside.safetensors"  # a real, readable shard, but not the checkpoint's
+    shutil.copy(shards(folder)[0], outside)
+    index = folder / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    name = str(outside) if where == "absolute" else "../outside.safetensors"
+    first = shards(folder)[0].name
+    d["weight_map"] = {k: (name if v == first else v) for k, v in d["weight_map"].items()}
+    index.write_text(json.dumps(d))
+    shards(folder)[0].unlink()
+    with pytest.raises(p3.Phi3Error, match=rf"names the shard '{name}', which is outside the checkpoint folder"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+    d["weight_map"] = {k: 7 for k in d["weight_map"]}
+    index.write_text(json.dumps(d))
+    with pytest.raises(p3.Phi3Error, match="weight_map must map tensor names to shard file names"):
         p3.Phi3ForCausalLM.from_pretrained(folder)
 
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import phi3_scratch as p3
+from phi3_scratch import family
 from phi3_scratch.model import Phi3Attention, Phi3RMSNorm, causal_mask
 from phi3_scratch.rotary import Phi3RotaryEmbedding, apply_rotary
-
-from .conftest import CONFIGS, needs_fixture
 
 
 def tiny_config(**overrides) -> p3.Phi3Config:
@@ -63,9 +62,8 @@ def test_longrope_switches_factors_per_call_at_original_max():
     assert torch.allclose(rope(shared, torch.float32)[0][0, 0], long_cos[0, 5])
 
 
-@needs_fixture(CONFIGS)
 def test_longrope_attention_factor_of_the_128k_models():
-    config = p3.Phi3Config.from_pretrained(CONFIGS / "Phi-3-mini-128k-instruct")
+    config = family.config("microsoft/Phi-3-mini-128k-instruct")
     assert config.longrope_attention_factor == pytest.approx(1.1902380714238083, abs=1e-15)
 
 

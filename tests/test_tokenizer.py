@@ -1,8 +1,16 @@
-"""The Phi-3 tokenizer against the published tokenizer.json (run by the `tokenizers` library).
+"""The tokenizer against tokenizers' own Tokenizer, built in the published tokenizer.json's layout.
 
-tokenizers' own Tokenizer is the reference rather than transformers' AutoTokenizer, which in
-transformers 5 rebuilds this tokenizer and drops the "▁" after an added token (see
-docs/TOKENIZER.md). Where the two can differ by design, runs of spaces, the test pins it.
+Most tests use the built-in tiny model's tokenizer (a sentencepiece BPE with Phi-3's added tokens,
+made exactly like Phi-3's: phi3_scratch/data/tiny) and, as the reference, a tokenizer.json rebuilt
+from its sentencepiece model in the layout Microsoft publishes for Phi-3 (legacy Llama: prepend
+"▁", BPE with byte fallback, the added tokens with their flags). Rebuilt from the real Phi-3
+tokenizer.model, that layout gives the published tokenizer.json's ids on the whole corpus (checked
+below where the real files are on the machine). The real tokenizer's golden ids need its files:
+../shared/fixtures/phi3-tokenizer, or microsoft/Phi-3-mini-4k-instruct in the Hugging Face cache.
+
+tokenizers is the reference rather than transformers' AutoTokenizer, which in transformers 5
+rebuilds this tokenizer and drops the "▁" after an added token (see docs/TOKENIZER.md). Where the
+two can differ by design, runs of spaces, the test pins it.
 """
 
 from __future__ import annotations
@@ -10,17 +18,66 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from phi3_scratch.errors import Phi3Error
+from phi3_scratch.loading import TINY
 from phi3_scratch.tokenizer import CHAT_TEMPLATE_PHI3, Tokenizer
 
-from .conftest import FIXTURES, needs_fixture
+from .conftest import FIXTURES
 
-FOLDER = FIXTURES / "phi3-tokenizer"
-needs_tokenizer = needs_fixture(FOLDER)
+REPO = "microsoft/Phi-3-mini-4k-instruct"
+
+
+def real_tokenizer_folder() -> Path | None:
+    """The real Phi-3 tokenizer files: the dev fixtures, else the Hugging Face cache, else None."""
+    if (FIXTURES / "phi3-tokenizer" / "tokenizer.model").is_file():
+        return FIXTURES / "phi3-tokenizer"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = [try_to_load_from_cache(REPO, name) for name in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json")]
+    return Path(found[0]).parent if all(isinstance(f, str) for f in found) else None
+
+
+REAL = real_tokenizer_folder()
+needs_real_tokenizer = pytest.mark.skipif(
+    REAL is None, reason=f"the real Phi-3 tokenizer is absent: it is in the dev workspace's shared/fixtures, or "
+                         f"`hf download {REPO} tokenizer.model tokenizer.json tokenizer_config.json` puts it in the cache")
+
+
+def reference_tokenizer(folder: Path):
+    """A tokenizers.Tokenizer in the published Phi-3 tokenizer.json layout, from folder's sentencepiece model."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, normalizers
+
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []  # every way to make a piece from two shorter ones, ranked by the piece's id
+    for piece, i in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(merges)]
+    reference = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True,
+                                                           byte_fallback=True))
+    reference.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    reference.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for _, entry in sorted(config["added_tokens_decoder"].items(), key=lambda item: int(item[0])):
+        token = tokenizers.AddedToken(entry["content"], lstrip=entry.get("lstrip", False),
+                                      rstrip=entry.get("rstrip", False), normalized=False,
+                                      special=entry.get("special", True))
+        (reference.add_special_tokens if entry.get("special", True) else reference.add_tokens)([token])
+    return reference
+
 
 CORPUS = [
     # English
@@ -90,35 +147,21 @@ def has_space_run(text: str) -> bool:
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_pretrained(FOLDER)
+    return Tokenizer.from_pretrained(TINY)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    tokenizers = pytest.importorskip("tokenizers")
-    return tokenizers.Tokenizer.from_file(str(FOLDER / "tokenizer.json"))
+    return reference_tokenizer(TINY)
 
 
-@needs_tokenizer
-def test_golden_ids(tok):
-    assert tok.encode("Beautiful is better than ugly") == [25685, 338, 2253, 1135, 22769]
-    chat = [{"role": "user", "content": "What is better than ugly?"},
-            {"role": "assistant", "content": "Beautiful."}]
-    text = tok.apply_chat_template(chat, add_generation_prompt=False)
-    golden = [32010, 1724, 338, 2253, 1135, 22769, 29973, 32007, 32001, 25685, 29889, 32007, 32000]
-    assert tok.encode(text) == golden
+def added_id(tok, content: str) -> int:
+    (i,) = tok.encode(content)
+    return i
 
 
-@needs_tokenizer
-def test_special_ids_and_flags(tok):
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.vocab_size) == (1, 32000, 32000, 32011)
-    assert tok.stop_ids == [32000, 32001, 32007]
-    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False) == [7251]  # add_bos_token is false
-    assert [tok.id_to_piece(i) for i in (1, 13, 15043, 32007)] == ["<s>", "<0x0A>", "▁Hello", "<|end|>"]
-
-
-@needs_tokenizer
-def test_corpus_matches_tokenizer_json(tok, reference, report):
+def check_corpus(tok, reference, report, name: str) -> None:
+    """Every CORPUS string gives the reference's ids (pieces and text, where a run of spaces is cut elsewhere)."""
     n_tokens = n_runs = n_split_differently = 0
     for text in CORPUS:
         ours, theirs = tok.encode(text), reference.encode(text, add_special_tokens=False).ids
@@ -136,52 +179,102 @@ def test_corpus_matches_tokenizer_json(tok, reference, report):
             assert reference.decode(ours, skip_special_tokens=skip) == expected, text
         if not ADDED_TOKEN.search(text):  # else rstrip has dropped whitespace
             assert tok.decode(ours) == text
-    report(f"tokenizer corpus: {len(CORPUS)} strings, {sum(map(len, CORPUS))} characters, {n_tokens} tokens; "
+    report(f"tokenizer corpus, {name}: {len(CORPUS)} strings, {sum(map(len, CORPUS))} characters, {n_tokens} tokens; "
            f"ids equal to tokenizer.json for all {len(CORPUS) - n_runs} without a run of spaces, "
            f"same text and pieces for the {n_runs} with one ({n_split_differently} of them split differently)")
 
 
-@needs_tokenizer
-def test_space_runs_follow_sentencepiece(tok, reference):
-    text = "def f():\n    return 1"
-    ours, theirs = tok.encode(text), reference.encode(text, add_special_tokens=False)
-    assert [tok.id_to_piece(i) for i in ours] == [
-        "▁def", "▁f", "():", "<0x0A>", "▁▁▁", "▁return", "▁", "1",
-    ]
-    assert ours == [822, 285, 7295, 13, 1678, 736, 29871, 29896]
-    assert theirs.tokens == ["▁def", "▁f", "():", "<0x0A>", "▁▁▁▁", "return", "▁", "1"]
-    assert theirs.ids == [822, 285, 7295, 13, 268, 2457, 29871, 29896]
-    assert tok.decode(ours) == reference.decode(theirs.ids) == text
-    assert tok.encode(" hi") == [29871, 7251]  # "▁" "▁hi"; tokenizer.json: "▁▁" "hi"
-
-
-@needs_tokenizer
-def test_added_tokens_strip_whitespace(tok):
+@needs_real_tokenizer
+def test_golden_ids_of_the_real_phi3_tokenizer():
+    """Microsoft's published ids, the special ids, a pinned space run, and the built-in chat template."""
+    tok = Tokenizer.from_pretrained(REAL)
+    assert tok.encode("Beautiful is better than ugly") == [25685, 338, 2253, 1135, 22769]
+    chat = [{"role": "user", "content": "What is better than ugly?"},
+            {"role": "assistant", "content": "Beautiful."}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=False)
+    golden = [32010, 1724, 338, 2253, 1135, 22769, 29973, 32007, 32001, 25685, 29889, 32007, 32000]
+    assert tok.encode(text) == golden
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.vocab_size) == (1, 32000, 32000, 32011)
+    assert tok.stop_ids == [32000, 32001, 32007]
+    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False) == [7251]  # add_bos_token is false
+    assert [tok.id_to_piece(i) for i in (1, 13, 15043, 32007)] == ["<s>", "<0x0A>", "▁Hello", "<|end|>"]
     assert tok.encode("<|user|>\n\n  hola<|end|>\n") == [32010, 298, 2963, 32007]
-    assert tok.encode("<|user|>hola<|end|>") == [32010, 298, 2963, 32007]
-    assert tok.encode("x<|endoftext|>\ny")[:2] == [921, 32000]  # no rstrip on <|endoftext|>
-    assert tok.decode([32010, 298, 2963, 32007]) == "<|user|> hola<|end|>"
-    assert tok.decode([32010, 298, 2963, 32007], skip_special_tokens=True) == "hola"
+    # Runs of spaces: sentencepiece's split, not tokenizer.json's ("▁▁▁▁" "return").
+    assert [tok.id_to_piece(i) for i in tok.encode("def f():\n    return 1")] == [
+        "▁def", "▁f", "():", "<0x0A>", "▁▁▁", "▁return", "▁", "1"]
+    assert tok.encode(" hi") == [29871, 7251]  # "▁" "▁hi"; tokenizer.json: "▁▁" "hi"
+    # With no chat_template in tokenizer_config.json, the built-in one renders what Phi-3's does.
+    bare = Tokenizer(tok._sp, list(tok._added.values()), {"eos_token": "<|endoftext|>"})
+    assert bare.chat_template == CHAT_TEMPLATE_PHI3
+    for chat in CHATS:
+        for prompt in (True, False):
+            assert bare.apply_chat_template(chat, prompt) == tok.apply_chat_template(chat, prompt)
 
 
-@needs_tokenizer
-def test_lstrip_and_add_bos_follow_the_config(tmp_path):
+@needs_real_tokenizer
+def test_corpus_matches_the_published_tokenizer_json(report):
+    """The real Phi-3 tokenizer against the published tokenizer.json, and the rebuilt reference against both."""
+    tokenizers = pytest.importorskip("tokenizers")
+    published = tokenizers.Tokenizer.from_file(str(REAL / "tokenizer.json"))
+    tok, rebuilt = Tokenizer.from_pretrained(REAL), reference_tokenizer(REAL)
+    for text in CORPUS:
+        assert rebuilt.encode(text, add_special_tokens=False).ids == published.encode(text, add_special_tokens=False).ids
+    check_corpus(tok, published, report, "real Phi-3")
+
+
+def test_special_ids_and_flags(tok):
+    eot, assistant, end = (added_id(tok, t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>"))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, eot, eot)
+    assert tok.vocab_size == eot + 11  # Phi-3's eleven added tokens right after the pieces
+    assert tok.stop_ids == sorted([eot, assistant, end])
+    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # add_bos_token is false
+    assert [tok.id_to_piece(i) for i in (1, 13, eot + 7)] == ["<s>", "<0x0A>", "<|end|>"]
+
+
+def test_corpus_matches_tokenizer_json(tok, reference, report):
+    check_corpus(tok, reference, report, "tiny model")
+
+
+def test_space_runs_follow_sentencepiece(tok, reference):
+    sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
+    differ = 0
+    assert sp.encode("x  =  1") != sp.encode("x = 1")  # runs of spaces really are kept
+    for text in [t for t in CORPUS if has_space_run(t) and not ADDED_TOKEN.search(t)]:
+        ours, theirs = tok.encode(text), reference.encode(text, add_special_tokens=False).ids
+        assert ours == sp.encode(text), text  # sentencepiece's own split of the run
+        assert tok.decode(ours) == reference.decode(theirs) == text
+        differ += ours != theirs
+    # The tiny vocabulary happens to split every run of the corpus alike both ways; the real Phi-3
+    # tokenizer does not ("▁▁▁" "▁return" vs "▁▁▁▁" "return"): test_golden_ids_of_the_real_phi3_tokenizer.
+    assert differ == 0
+
+
+def test_added_tokens_strip_whitespace(tok):
+    user, end, eot = (added_id(tok, t) for t in ("<|user|>", "<|end|>", "<|endoftext|>"))
+    hola = tok.encode("hola")
+    assert tok.encode("<|user|>\n\n  hola<|end|>\n") == [user, *hola, end]
+    assert tok.encode("<|user|>hola<|end|>") == [user, *hola, end]
+    assert tok.encode("x<|endoftext|>\ny")[len(tok.encode("x")):][:2] == [eot, *tok.encode("\ny")[:1]]  # no rstrip
+    assert tok.decode([user, *hola, end]) == "<|user|> hola<|end|>"
+    assert tok.decode([user, *hola, end], skip_special_tokens=True) == "hola"
+
+
+def test_lstrip_and_add_bos_follow_the_config(tmp_path, tok):
     """No Phi-3 token has lstrip: add one, to both, and turn on add_bos_token."""
     tokenizers = pytest.importorskip("tokenizers")
 
-    shutil.copy(FOLDER / "tokenizer.model", tmp_path / "tokenizer.model")
-    config = json.loads((FOLDER / "tokenizer_config.json").read_text())
-    config["added_tokens_decoder"]["32011"] = {"content": "<|x|>", "lstrip": True, "special": True}
+    shutil.copy(TINY / "tokenizer.model", tmp_path / "tokenizer.model")
+    config = json.loads((TINY / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"][str(tok.vocab_size)] = {"content": "<|x|>", "lstrip": True, "special": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
     ours = Tokenizer.from_pretrained(tmp_path)
-    theirs = tokenizers.Tokenizer.from_file(str(FOLDER / "tokenizer.json"))
+    theirs = reference_tokenizer(TINY)
     theirs.add_special_tokens([tokenizers.AddedToken("<|x|>", lstrip=True, normalized=False, special=True)])
     for text in ("a \n <|x|>b", "a<|x|>\nb<|end|>  c", "<|x|><|x|>"):
         assert ours.encode(text) == [1] + theirs.encode(text, add_special_tokens=False).ids, text
-    assert ours.encode("a", add_special_tokens=False) == [263]
+    assert ours.encode("a", add_special_tokens=False) == tok.encode("a")
 
 
-@needs_tokenizer
 @pytest.mark.parametrize("skip", [True, False])
 def test_stream_decoder_matches_decode(tok, skip):
     for text in CORPUS:
@@ -192,26 +285,26 @@ def test_stream_decoder_matches_decode(tok, skip):
         assert not any("\ufffd" in p for p in pushes), text
 
 
-@needs_tokenizer
 def test_stream_decoder_holds_bytes_until_a_character_is_whole(tok):
-    ids = tok.encode("ok 👍🏽")
-    assert [tok.id_to_piece(i) for i in ids] == ["▁ok", "▁", "<0xF0>", "<0x9F>", "<0x91>", "<0x8D>",
-                                                 "<0xF0>", "<0x9F>", "<0x8F>", "<0xBD>"]
+    ids = tok.encode("ok 🦙🏽")  # two characters the tiny vocabulary has no piece for
+    emoji = [tok.id_to_piece(i) for i in ids[-8:]]
+    assert emoji == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>", "<0xF0>", "<0x9F>", "<0x8F>", "<0xBD>"]  # byte fallback
     decoder = tok.stream_decoder()
-    assert [decoder.push(i) for i in ids] == ["ok", " ", "", "", "", "👍", "", "", "", "🏽"]
+    pushes = [decoder.push(i) for i in ids]
+    assert "".join(pushes[:-8]) == "ok " and pushes[-8:] == ["", "", "", "🦙", "", "", "", "🏽"]
     decoder = tok.stream_decoder()
-    assert decoder.push(tok.encode("Hi")[0]) == "Hi"  # no leading space at the start of the text
-    assert decoder.push(torch.tensor(32007)) == ""  # special, skipped
+    assert decoder.push(tok.encode("Hi")[0]) == tok.id_to_piece(tok.encode("Hi")[0]).lstrip("▁")  # no leading space
+    assert decoder.push(torch.tensor(added_id(tok, "<|end|>"))) == ""  # special, skipped
 
 
-@needs_tokenizer
 def test_decode_takes_a_tensor_and_marks_broken_bytes(tok):
     ids = tok.encode("añ")
     assert tok.decode(torch.tensor(ids)) == "añ"
-    broken = [tok.encode("\U0001f44d")[1], *tok.encode("hi")]  # a lone lead byte of "👍", then "▁hi"
+    lead = [i for i in tok.encode("\U0001f999") if tok.id_to_piece(i) == "<0xF0>"]  # the lead byte of "🦙"
+    broken = [*lead, *tok.encode("hi")]  # ... alone, then "▁hi"
     assert tok.decode(broken) == "\ufffd hi"
     decoder = tok.stream_decoder()
-    assert [decoder.push(i) for i in broken] == ["", "\ufffd hi"]
+    assert "".join(decoder.push(i) for i in broken) == "\ufffd hi"
 
 
 CHATS = [
@@ -223,31 +316,26 @@ CHATS = [
 ]
 
 
-@needs_tokenizer
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("chat", CHATS, ids=["system+user", "multi-turn", "odd-content"])
 def test_chat_template_matches_transformers(tok, chat, add_generation_prompt):
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    config = json.loads((FOLDER / "tokenizer_config.json").read_text())
+    config = json.loads((TINY / "tokenizer_config.json").read_text())
     names = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (expected,), _ = render_jinja_template(conversations=[chat], chat_template=config["chat_template"],
                                            add_generation_prompt=add_generation_prompt, **names)
     assert tok.apply_chat_template(chat, add_generation_prompt=add_generation_prompt) == expected
 
 
-@needs_tokenizer
 def test_builtin_chat_template_when_config_has_none(tok, tmp_path):
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(FOLDER / name, tmp_path / name)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    shutil.copy(TINY / "tokenizer.model", tmp_path / "tokenizer.model")
+    config = json.loads((TINY / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     bare = Tokenizer.from_pretrained(tmp_path)
     assert bare.chat_template == CHAT_TEMPLATE_PHI3
-    for chat in CHATS:
-        for prompt in (True, False):
-            assert bare.apply_chat_template(chat, prompt) == tok.apply_chat_template(chat, prompt)
+    assert bare.apply_chat_template(CHATS[0]) == tok.apply_chat_template(CHATS[0])
 
 
 def test_error_folder_without_tokenizer_model(tmp_path):
@@ -258,12 +346,11 @@ def test_error_folder_without_tokenizer_model(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
-@needs_tokenizer
 def test_error_unreadable_files(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(Phi3Error, match="not a readable sentencepiece model"):
         Tokenizer.from_pretrained(tmp_path)
-    shutil.copy(FOLDER / "tokenizer.model", tmp_path / "tokenizer.model")
+    shutil.copy(TINY / "tokenizer.model", tmp_path / "tokenizer.model")
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(Phi3Error, match="tokenizer_config.json is not valid JSON"):
         Tokenizer.from_pretrained(tmp_path)
@@ -275,21 +362,24 @@ def test_error_unreadable_files(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
-@needs_tokenizer
-def test_added_tokens_from_other_files(tmp_path):
-    shutil.copy(FOLDER / "tokenizer.model", tmp_path / "tokenizer.model")
-    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|end|>": 32007, "<|user|>": 32010}))
-    assert Tokenizer.from_pretrained(tmp_path).encode("<|user|>hola<|end|>") == [32010, 298, 2963, 32007]
+def test_added_tokens_from_other_files(tmp_path, tok, reference):
+    user, end = added_id(tok, "<|user|>"), added_id(tok, "<|end|>")
+    expected = [user, *tok.encode("hola"), end]
+    shutil.copy(TINY / "tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|end|>": end, "<|user|>": user}))
+    assert Tokenizer.from_pretrained(tmp_path).encode("<|user|>hola<|end|>") == expected
     (tmp_path / "added_tokens.json").unlink()
-    shutil.copy(FOLDER / "tokenizer.json", tmp_path / "tokenizer.json")
-    assert Tokenizer.from_pretrained(tmp_path).encode("<|user|>\nhola<|end|>\n") == [32010, 298, 2963, 32007]
+    reference.save(str(tmp_path / "tokenizer.json"))
+    assert Tokenizer.from_pretrained(tmp_path).encode("<|user|>\nhola<|end|>\n") == expected
 
 
-@needs_tokenizer
 def test_error_ids_out_of_range(tok):
-    # Phi-3's lm_head has padding rows 32011-32063 that the tokenizer has no piece for: no text.
-    assert tok.decode([25685, 32011, 338, 32063]) == tok.decode([25685, 338]) == "Beautiful is"
-    assert tok.stream_decoder().push(32050) == "" and tok.id_to_piece(32050) == ""
+    # Like Phi-3's (32011 ids, 32064 rows), the tiny model's lm_head has padding rows the tokenizer has
+    # no piece for: they decode to no text.
+    words = tok.encode("Beautiful is")
+    padding = [tok.vocab_size, tok.vocab_size + 20]
+    assert tok.decode([words[0], padding[0], *words[1:], padding[1]]) == tok.decode(words) == "Beautiful is"
+    assert tok.stream_decoder().push(padding[1]) == "" and tok.id_to_piece(padding[1]) == ""
     with pytest.raises(Phi3Error, match=r"decode\(ids\): element 1 is -3; expected a token id"):
         tok.decode([1, -3])
     with pytest.raises(Phi3Error, match=r"element 0 is -1"):
@@ -298,7 +388,6 @@ def test_error_ids_out_of_range(tok):
         tok.decode(torch.tensor(5))
 
 
-@needs_tokenizer
 @pytest.mark.parametrize("messages", [
     "hello",
     [],
@@ -311,9 +400,8 @@ def test_error_bad_messages(tok, messages):
         tok.apply_chat_template(messages)
 
 
-@needs_tokenizer
 def test_stream_decoder_finish_flushes_an_unfinished_character(tok):
-    ids = tok.encode("ok 👍")  # the emoji is four byte pieces
+    ids = tok.encode("ok 🦙")  # the emoji is four byte pieces
     cut = ids[:-1]  # generation stopped inside the character
     dec = tok.stream_decoder()
     streamed = "".join(dec.push(i) for i in cut)

@@ -1,0 +1,54 @@
+"""The built-in tiny model: what ships, and the script that rebuilds it."""
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import phi3_scratch as p3
+from phi3_scratch.loading import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_model_was_trained_on_the_committed_corpus():
+    training = json.loads((TINY / "training.json").read_text())
+    corpus = ROOT / "scripts" / training["corpus"]
+    assert hashlib.sha256(corpus.read_bytes()).hexdigest() == training["corpus_sha256"]
+    assert training["final_loss"] < training["first_loss"] / 10  # it has learned its corpus
+    size = sum(f.stat().st_size for f in TINY.iterdir())
+    assert size < 8 * 2**20, f"the tiny model is {size / 2**20:.1f} MiB; it ships in the package"
+
+
+def test_the_tiny_model_answers_a_corpus_question_in_the_chat_template():
+    """Greedy, in the chat template, it gives the corpus's answer word for word: what the tour shows."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from train_tiny import CORPUS, read_corpus
+    finally:
+        sys.path.pop(0)
+    answers = dict(read_corpus(CORPUS)[1])
+    model, tok = p3.Phi3ForCausalLM.from_pretrained("tiny"), p3.Tokenizer.from_pretrained("tiny")
+    question = "What does the KV cache do?"
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))])
+    out = p3.generate(model, ids, 120, eos_token_id=tok.stop_ids)
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == answers[question]
+
+
+def test_train_tiny_writes_a_loadable_checkpoint_and_its_hashes(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--out", str(tmp_path), "--steps", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    hashes = dict(re.findall(r"^([0-9a-f]{64})\s+[\d,]+ B\s+(\S+)$", done.stdout, re.M))
+    names = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
+             "tokenizer_config.json", "training.json"}
+    assert {Path(p).name for p in hashes.values()} == names
+    for digest, path in hashes.items():
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
+    model, tok = p3.Phi3ForCausalLM.from_pretrained(tmp_path), p3.Tokenizer.from_pretrained(tmp_path)
+    assert model.config.vocab_size % 64 == 0 and tok.encode("<|end|>") == [tok.vocab_size - 4]
+    assert json.loads((tmp_path / "training.json").read_text())["steps"] == 3
