@@ -98,8 +98,8 @@ def shown_blocks() -> list[tuple[Path, str, str]]:
 
 
 def same_line(shown: str, printed: str) -> bool:
-    if TIMED.search(printed):
-        shown, printed = NUMBER.sub("N", shown), NUMBER.sub("N", printed)
+    if TIMED.search(printed):  # clock readings: any number, in columns as wide as it takes
+        shown, printed = " ".join(NUMBER.sub("N", shown).split()), " ".join(NUMBER.sub("N", printed).split())
     if NUMBER.sub("N", shown) != NUMBER.sub("N", printed):
         return False
     for a, b in zip(NUMBER.finditer(shown), NUMBER.finditer(printed)):

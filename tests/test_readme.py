@@ -38,6 +38,7 @@ def test_shown_output_is_what_the_command_prints(doc, name, shown):
 def test_the_comparison_masks_times_and_nothing_else():
     differences = readme_outputs.differences
     assert differences("with KV cache   median    0.067 s", "with KV cache   median    0.091 s") == []
+    assert differences("median    0.324 s     308.3 tokens/s", "median    1.043 s      95.9 tokens/s") == []
     assert differences("   1     415  '▁'   13.661   89.40%", "   1     415  '▁'   13.662   89.41%") == []
     assert differences("   1     415  '▁'   13.661", "   1     415  '▁'   13.681") != []  # a logit moved
     assert differences("   1     415  '▁'", "   1     416  '▁'") != []  # another token
