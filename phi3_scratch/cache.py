@@ -11,6 +11,12 @@ Everything is allocated once, at its final size, and filled left to right:
     length        how many positions are filled; slots [length, max_len) are unused
 
 so in a debugger `cache.keys[0][0, :, :cache.length]` is exactly what layer 0 attends over.
+
+A static cache (`static=True`, what `compile=True` uses) is the same cache with fixed shapes, so
+that one compiled decode step serves every token: `length` is a tensor on the device rather than
+a Python int (a compiled step that read a Python count would be compiled again for each value),
+new k and v are written at the slots that tensor names, attention runs over all max_len slots
+(the mask hides the unfilled ones), and the padding of the prompt is kept in `real`.
 """
 
 from __future__ import annotations
@@ -30,43 +36,74 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        static: bool = False,
     ):
         shape = (batch_size, kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch_size = batch_size
         self.max_len = max_len
-        self.length = 0
+        self.static = static
+        self.length = torch.zeros((), dtype=torch.long, device=device) if static else 0
+        # static only: False at the prompt's padding slots, True elsewhere (B, max_len)
+        self.real = torch.ones(batch_size, max_len, dtype=torch.bool, device=device) if static else None
+        self.in_use = False  # static only: an open compile=True stream is writing into it
+        if static:
+            for t in [*self.keys, *self.values, self.length, self.real]:
+                # A compiled step (a CUDA graph on a GPU) reads and writes these in place: their
+                # addresses must never change.
+                torch._dynamo.mark_static_address(t)
 
     def check_room(self, batch_size: int, new_tokens: int) -> None:
         """Raise a clear error before a forward pass that would not fit in this cache."""
         if batch_size != self.batch_size:
             raise Phi3Error(f"input batch size {batch_size} does not match the cache's batch size {self.batch_size}")
+        if self.static:
+            return  # its length is on the device: the caller sized it for the whole generation
         if self.length + new_tokens > self.max_len:
             raise Phi3Error(
                 f"KV cache full: it holds {self.length} of max_len={self.max_len} positions and "
                 f"{new_tokens} more were given; make a larger cache with model.new_cache(max_len=...)"
             )
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (B, kv_heads, T, head_dim) after the filled slots and return
-        everything stored so far, (B, kv_heads, length + T, head_dim) each. `length` itself moves
-        on in `advance`, once every layer has written."""
+    def slots(self, new_tokens: int, device) -> torch.Tensor:
+        """Where the new tokens go, (new_tokens,): length, length + 1, ..."""
+        return torch.arange(new_tokens, device=device) + self.length
+
+    def key_slots(self, new_tokens: int) -> int:
+        """How many slots attention reads: the filled ones and the new (all of them, if static)."""
+        return self.max_len if self.static else self.length + new_tokens
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k, v (B, kv_heads, T, head_dim) at `slots` (T,) and return what
+        attention reads, (B, kv_heads, key_slots(T), head_dim) each. `length` itself moves on in
+        `advance`, once every layer has written."""
+        if self.static:  # slots is a device tensor: write there, read every slot
+            self.keys[layer].index_copy_(2, slots, k)
+            self.values[layer].index_copy_(2, slots, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, new_tokens: int) -> None:
-        self.length += new_tokens
+        self.length += new_tokens  # a static cache adds on the device, in place
 
     def reset(self) -> None:
-        """Forget every position (the tensors stay allocated and are overwritten next time)."""
-        self.length = 0
+        """Forget every position (the tensors stay allocated and are overwritten next time).
+
+        A static cache keeps `real`: after LongRoPE's rebuild the prompt's padding is still padding."""
+        if self.static:
+            self.length.zero_()
+        else:
+            self.length = 0
 
     def __repr__(self) -> str:
         b, h, n, d = self.keys[0].shape
+        length = "on the device" if self.static else self.length
         return (
             f"KVCache(layers={len(self.keys)}, batch={b}, kv_heads={h}, head_dim={d}, "
-            f"length={self.length}/{n}, dtype={self.keys[0].dtype}, device={self.keys[0].device})"
+            f"length={length}/{n}, dtype={self.keys[0].dtype}, device={self.keys[0].device}"
+            f"{', static' if self.static else ''})"
         )

@@ -1,20 +1,17 @@
-"""The compiled decode step (`compile=True`): the same layers, one token at a time, fixed shapes.
+"""`compile=True`: the model's own forward, one token at a time, compiled with torch.compile.
 
 Why: at batch 1, an eager decode step of Phi-3-mini launches some 1,500 small GPU kernels from
 Python, one per operation. Launching them takes longer than the GPU needs to read the 7.6 GB of
 weights (about 2 ms on an H200), so eager decoding is bound by launch overhead, not by memory.
 
-How: torch.compile traces one decode step through the model's own modules, fuses the small
-elementwise operations into few kernels and, on a GPU (mode="reduce-overhead"), records the whole
-step as one CUDA graph that is replayed for every token. A graph replays fixed shapes at fixed
-addresses, so this step differs from the eager forward (Phi3Model.forward) in three places, all
-outside the layers:
+How: torch.compile traces one decode step, `model(token, cache, logits_to_keep=1)`, through the
+very code eager generation runs (Phi3ForCausalLM.forward), fuses the small elementwise operations
+into few kernels and, on a GPU, records the whole step as one CUDA graph that is replayed for
+every token. A graph replays fixed shapes at fixed addresses, so the step runs with a static
+KVCache (cache.py): its length lives on the device, k and v are written at the slots it names,
+and attention reads every slot, the mask hiding those not written yet. The prompt (prefill) and
+LongRoPE's cache rebuild run the same forward eagerly, into the same cache.
 
-    cache writes   index_copy_ at a slot held in a device tensor, not a slice at a Python int
-    attention      over every slot of the preallocated cache; the mask hides those not written yet
-    checks         none inside the step: stream_tokens validated its input once, before the loop
-
-The prompt (prefill) and the LongRoPE cache rebuild still run eagerly, into the same cache tensors.
 Each cache length is one more compilation (about a minute for Phi-3-mini on a GPU), so lengths
 come in few sizes: CACHE_BLOCK (256) positions, doubled until the sequence fits. The cache is kept
 on the model and reused by the next call that fits in it, so that the compiled code and its CUDA
@@ -30,44 +27,16 @@ import weakref
 import torch
 
 from .cache import KVCache
-from .model import slot_mask
 
 CACHE_BLOCK = 256
 
 
-class SlotWriter:
-    """What Phi3Attention sees as its cache inside the compiled step."""
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor):
-        self.keys, self.values, self.slot = keys, values, slot
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nKV, 1, hd) at `slot`; return the whole buffers, (B, nKV, max_len, hd)."""
-        self.keys[layer].index_copy_(2, self.slot, k)
-        self.values[layer].index_copy_(2, self.slot, v)
-        return self.keys[layer], self.values[layer]
+def decode_step(model, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits (B, V) for the token after `token` (B, 1): the model's forward, the last position only."""
+    return model(token, cache, logits_to_keep=1, check=False)[:, -1]
 
 
-def decode_step(model, keys: list[torch.Tensor], values: list[torch.Tensor], token: torch.Tensor,
-                slot: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Logits (B, V) after `token` (B, 1), whose k and v go to cache slot `slot` (1,).
-
-    real (B, max_len): False at the prompt's padding slots, True elsewhere.
-    """
-    body = model.model
-    B, S = real.shape
-    mask = slot_mask(slot[:, None], S, real, model.config.sliding_window, B)  # (B, 1, S)
-    earlier = torch.arange(S, device=slot.device) < slot  # (S,): the slots before this token's
-    positions = (real & earlier).sum(-1, keepdim=True)  # (B, 1): real tokens before it (left padding skipped)
-    h = body.embed_tokens(token)  # (B, 1, H)
-    cos, sin = body.rotary_emb(positions, h.dtype)
-    cache = SlotWriter(keys, values, slot)
-    for layer in body.layers:
-        h = layer(h, cos, sin, mask, cache)
-    return model.lm_head(body.norm(h)[:, -1])  # (B, V)
-
-
-_compiled = {}  # device type -> the compiled decode_step
+_compiled = {}  # device type -> decode_step, compiled
 
 
 def compiled_step(device: torch.device):
@@ -82,11 +51,10 @@ def compiled_step(device: torch.device):
 
 
 def static_cache(model, batch_size: int, needed: int) -> KVCache:
-    """The model's reusable decode cache for batch_size rows and at least `needed` positions, empty.
+    """The model's reusable static cache for batch_size rows and at least `needed` positions, empty.
 
     The cache the model holds is reused if it is large enough and no open stream is using it;
-    otherwise a new one of CACHE_BLOCK x 2^k positions replaces it. It also holds `real`
-    (B, max_len), the padding mask of the compiled step, kept at one address too.
+    otherwise a new one of CACHE_BLOCK x 2^k positions replaces it.
     """
     max_len = CACHE_BLOCK
     while max_len < needed:
@@ -96,42 +64,36 @@ def static_cache(model, batch_size: int, needed: int) -> KVCache:
     held = getattr(model, "_static_cache", None)
     fits = held is not None and held.batch_size == batch_size and held.max_len >= needed and \
         held.keys[0].dtype == weight.dtype and held.keys[0].device == weight.device
-    if not fits or held.decoder() is not None:  # too small, another kind, or in use by an open stream
-        cache = model.new_cache(batch_size, max_len=max_len)
-        cache.decoder = lambda: None  # no CompiledDecoder is using it yet
-        cache.real = torch.ones(batch_size, max_len, dtype=torch.bool, device=weight.device)
-        for t in cache.keys + cache.values + [cache.real]:
-            # The graph reads and writes these in place, at addresses that must never change.
-            torch._dynamo.mark_static_address(t)
-        held = cache
+    if not fits or held.in_use:  # too small, another kind, or in use by an open stream
+        held = model.new_cache(batch_size, max_len=max_len, static=True)
         object.__setattr__(model, "_static_cache", held)  # a plain attribute, not a submodule or buffer
     held.reset()
     return held
 
 
 class CompiledDecoder:
-    """Calls the compiled step for one new token per row; the host never waits for the GPU here."""
+    """Runs the compiled step for one new token per row; the host never waits for the GPU here.
+
+    While it lives, its static cache is marked in use, so a second stream gets a cache of its own.
+    """
 
     def __init__(self, model, cache: KVCache, attention_mask: torch.Tensor | None):
         self.model, self.cache = model, cache
-        cache.decoder = weakref.ref(self)  # while this decoder lives, static_cache hands out another cache
-        self.real = cache.real  # (B, max_len): the prompt's padding; every generated token is real
-        self.real.fill_(True)
+        cache.in_use = True
+        weakref.finalize(self, setattr, cache, "in_use", False)
+        cache.real.fill_(True)  # (B, max_len): the prompt's padding; every generated token is real
         if attention_mask is not None:
-            self.real[:, : attention_mask.shape[1]] = attention_mask.bool()
+            cache.real[:, : attention_mask.shape[1]] = attention_mask.bool()
         self.step = compiled_step(model.lm_head.weight.device)
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        """token (B, 1) at slot cache.length -> logits for the token after it, (B, V)."""
-        self.cache.check_room(token.shape[0], 1)
-        slot = torch.full((1,), self.cache.length, device=token.device)  # a fill kernel, not a host-to-device copy
+        """token (B, 1) at the cache's next slot -> logits for the token after it, (B, V)."""
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may now be overwritten
         # A fresh (B, 1) tensor: a column sliced from the sequence has strides that change with its
         # length, and every new stride would compile the step again.
         token = token.clone(memory_format=torch.contiguous_format)
-        args = (self.model, self.cache.keys, self.cache.values, token, slot, self.real)
         try:
-            logits = self.step(*args)
+            logits = self.step(self.model, token, self.cache)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(
                 f"compile=True: torch has compiled the decode step for {torch._dynamo.config.recompile_limit} "
@@ -139,6 +101,5 @@ class CompiledDecoder:
                 f"goes on uncompiled (raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset())",
                 stacklevel=2)
             self.step = decode_step  # the same step, run eagerly: the same tokens, without the speed
-            logits = self.step(*args)
-        self.cache.advance(1)
+            logits = self.step(self.model, token, self.cache)
         return logits.clone()  # the graph's output buffer is reused by the next replay

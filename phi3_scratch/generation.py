@@ -8,8 +8,10 @@ With temperature > 0 the token is sampled instead (`sample`): top-k and top-p fi
 candidates, and a seed makes the draw reproducible.
 
 `stream_tokens` is the loop itself, yielding each new token as soon as it is chosen (set a
-breakpoint inside it to watch the cache fill); `generate` collects what it yields. With
-compile=True the decode steps run through compiled.py instead (same layers, one compiled step).
+breakpoint inside it to watch the cache fill, or on Phi3ForCausalLM.forward, which every prefill
+and decode step calls); `generate` collects what it yields. The input is checked once, before
+the loop; a decode step then reads one value back from the device, the stop flag. With
+compile=True the decode steps run the same forward compiled (compiled.py).
 """
 
 from __future__ import annotations
@@ -65,12 +67,14 @@ def stream_tokens(
     stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
 
-    seq, mask = input_ids.long(), attention_mask  # (B, T) each, growing by one column a step
-    cache = None
-    if use_cache:
-        cache = static_cache(model, B, T + max_new_tokens) if compile else model.new_cache(B, max_len=T + max_new_tokens)
-    logits = last_logits(model, seq, cache, mask)  # (B, V): prefill
-    decoder = CompiledDecoder(model, cache, mask) if compile else None
+    seq = input_ids.long()  # (B, T), and attention_mask (B, T) with it: one column longer a step
+    cache = decoder = None
+    if use_cache and compile:
+        cache = static_cache(model, B, T + max_new_tokens)
+        decoder = CompiledDecoder(model, cache, attention_mask)  # keeps the prompt's padding in the cache
+    elif use_cache:
+        cache = model.new_cache(B, max_len=T + max_new_tokens)
+    logits = model(seq, cache, attention_mask, logits_to_keep=1, check=False)[:, -1]  # (B, V): prefill
     finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,): rows that hit a stop id
     stopped = None  # (): "every row had stopped" one step ago, still on the device
     for step in range(max_new_tokens):
@@ -90,36 +94,28 @@ def stream_tokens(
             return
         stopped = finished.all()
         seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + step + 1): the new token is real
-        logits = next_logits(model, seq, cache, mask, decoder)  # (B, V)
+        if attention_mask is not None:  # (B, T + step + 1): the new token is real
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        logits = next_logits(model, seq, cache, attention_mask, decoder)  # (B, V)
 
 
-def next_logits(model, seq: torch.Tensor, cache, mask, decoder=None) -> torch.Tensor:
-    """Logits for the token after `seq` (B, L), whose earlier positions the cache may hold: (B, V).
+def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None) -> torch.Tensor:
+    """Logits for the token after `seq` (B, L), whose positions but the last the cache holds: (B, V).
 
-    decoder: a compiled.CompiledDecoder, which runs the one-token steps, or None (eager).
+    One decode step, for generate and the Stepper alike. The input was checked once, by the
+    caller: check=False. decoder: a compiled.CompiledDecoder, which runs the step compiled.
     """
     if cache is None:
-        return last_logits(model, seq, None, mask)  # the whole sequence again
-    if crosses_longrope_switch(model.config, cache, seq.shape[1]):
+        return model(seq, None, attention_mask, logits_to_keep=1, check=False)[:, -1]  # the whole sequence again
+    if crosses_longrope_switch(model.config, seq.shape[1]):
         # The cached keys were rotated with the short factors. Now that the sequence is longer
         # than the original context, every key must use the long factors: start over with one
         # forward over the whole sequence, as transformers' generate does.
         cache.reset()
-    elif decoder is not None:
+        return model(seq, cache, attention_mask, logits_to_keep=1, check=False)[:, -1]
+    if decoder is not None:
         return decoder(seq[:, -1:])
-    return last_logits(model, seq[:, cache.length:], cache, mask)  # only what the cache lacks
-
-
-def last_logits(model, input_ids, cache, mask) -> torch.Tensor:
-    """model(...)[:, -1] without computing the head for the other positions: (B, V).
-
-    Only the last position predicts the next token; for a long prompt, logits at every position
-    would cost T x V numbers (6 GB in bf16 for 100k tokens of Phi-3's 32064-word vocabulary).
-    """
-    hidden = model.model(input_ids, cache, mask)  # (B, T, H)
-    return model.lm_head(hidden[:, -1])  # (B, V)
+    return model(seq[:, -1:], cache, attention_mask, logits_to_keep=1, check=False)[:, -1]  # only the new token
 
 
 def stop_id_list(eos_token_id) -> list[int]:
@@ -163,9 +159,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, t
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
-def crosses_longrope_switch(config, cache, seq_len: int) -> bool:
-    original = config.original_max_position_embeddings
-    return config.rope_type == "longrope" and cache.length <= original < seq_len
+def crosses_longrope_switch(config, seq_len: int) -> bool:
+    """True at the one step where a sequence that the cache holds up to seq_len - 1 positions first
+    passes LongRoPE's original context: seq_len - 1 <= original_max < seq_len."""
+    return config.rope_type == "longrope" and seq_len == config.original_max_position_embeddings + 1
 
 
 def generate(
