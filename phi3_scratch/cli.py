@@ -28,7 +28,7 @@ import torch
 from .errors import Phi3Error
 from .generation import check_sampling, generate, stream_tokens
 from .config import Phi3Config
-from .loading import CONFIG_FILES, resolve_checkpoint, resolve_dtype
+from .loading import CONFIG_FILES, resolve_checkpoint, resolve_device, resolve_dtype
 from .model import Phi3ForCausalLM
 from .tokenizer import Tokenizer
 
@@ -80,8 +80,11 @@ def meta_model(args) -> Phi3ForCausalLM:
 
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     start = time.perf_counter()
+    if args.tokenizer is None and args.model not in ("tiny",) and not Path(args.model).expanduser().is_dir():
+        Tokenizer.from_pretrained(args.model)  # the tokenizer files first: a repo without them fails in seconds
     folder = model_folder(args)
-    tokenizer = Tokenizer.from_pretrained(folder)  # first: a folder without one fails before the weights load
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or folder)  # before the weights: fail fast
+    say_memory(args, folder)
     log(f"loading {args.model} ({folder}) onto {args.device}")
 
     def bar(done: int, total: int) -> None:
@@ -94,6 +97,19 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     log(f"loaded {count(model):,} parameters ({weight.dtype}, {weight_bytes(model) / 1e9:.3f} GB) and "
         f"the tokenizer in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
+
+
+def say_memory(args, folder) -> None:
+    """Before a large CPU load: how much memory the weights will take, and how to halve it."""
+    if torch.device(args.device).type != "cpu":
+        return
+    with torch.device("meta"):
+        n = count(Phi3ForCausalLM(Phi3Config.from_pretrained(folder)))
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
+    size = n * dtype.itemsize
+    if size > 2**30:
+        hint = "; --dtype bf16 halves it" if dtype == torch.float32 else ""
+        log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} on the CPU{hint}")
 
 
 def count(model) -> int:
@@ -144,10 +160,17 @@ def cmd_generate(args) -> None:
     stream_text(model, tokenizer, ids, args)
 
 
+CHAT_HELP = ("/help this list; /clear (or /reset) forgets the conversation; /quit (or /bye, /exit, Ctrl-D) "
+             "leaves; Ctrl-C stops a reply, or clears the line being typed")
+
+
 def cmd_chat(args) -> None:
     model, tokenizer = load(args)
-    log("chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves; "
-        "Ctrl-C stops a reply")
+    try:
+        import readline  # input() then edits the line and keeps a history (Up arrow) in a terminal
+    except ImportError:  # not on every platform
+        readline = None
+    log(f"chat: type a message. {CHAT_HELP}")
     history: list[dict] = []
     limit = model.config.max_position_embeddings - args.max_new_tokens  # room left for the prompt
     while True:
@@ -156,11 +179,22 @@ def cmd_chat(args) -> None:
         except EOFError:
             print()
             return
-        if line == "/exit":
+        except KeyboardInterrupt:  # as in a shell: the line is dropped, the chat goes on
+            print()
+            continue
+        if readline is not None and line:
+            readline.add_history(line)
+        if line in ("/quit", "/bye", "/exit"):
             return
-        if line == "/reset":
+        if line in ("/clear", "/reset"):
             history = []
             log("(conversation forgotten)")
+            continue
+        if line == "/help":
+            log(CHAT_HELP)
+            continue
+        if line.startswith("/") and " " not in line:
+            log(f"unknown command {line}: {CHAT_HELP}")
             continue
         if not line:
             continue
@@ -380,6 +414,25 @@ def cmd_compare(args) -> None:
 # --------------------------------------------------------------------------------------- main
 
 
+def check_device(device: str) -> None:
+    """--device in the command line's words: cpu, cuda, cuda:N, or mps where torch has it."""
+    if device == "mps" or device.startswith("mps:"):
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise Phi3Error(f"--device {device}: this machine has no Apple GPU that torch can use "
+                            f"(torch {torch.__version__}); use --device cpu")
+        return
+    resolve_device(device)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("phi3-scratch")
+    except PackageNotFoundError:
+        return "(not installed: run from the source tree)"
+
+
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL, help=f"folder, repo id or 'tiny' (default {DEFAULT_MODEL})")
@@ -387,30 +440,34 @@ def build_parser() -> Parser:
     common.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
     common.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
                         help="eager: written out step by step (default); sdpa: torch's fused kernel")
+    common.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="the tokenizer's folder or repo id, for a checkpoint without tokenizer files")
     gen = Parser(add_help=False)
-    gen.add_argument("--max-new-tokens", type=positive_int, default=200)
+    gen.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    gen.add_argument("--top-k", type=positive_int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--top-k", type=positive_int, default=None, help="sample (with --temperature) among the k likeliest")
+    gen.add_argument("--top-p", type=float, default=None, help="sample (with --temperature) within probability p")
+    gen.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step (torch.compile; a CUDA graph on a GPU): faster after a warm-up")
     chat = Parser(add_help=False)
     chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    prompt = Parser(add_help=False)
+    prompt.add_argument("prompt", nargs="?", default=None, help="the prompt; - reads it from standard input")
+    prompt.add_argument("-p", "--prompt", dest="prompt_flag", metavar="PROMPT", default=None,
+                        help="the prompt, as an option (instead of the argument)")
 
     parser = Parser(prog="phi3-scratch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"phi3-scratch {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("generate", parents=[common, gen, chat], help="continue a prompt")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", parents=[common, gen, chat, prompt], help="continue a prompt")
     sub.add_parser("chat", parents=[common, gen], help="talk to the model")
     sub.add_parser("arch", parents=[common], help="module tree and sizes")
-    p = sub.add_parser("next-token", parents=[common, chat], help="top-k candidates for the next token")
-    p.add_argument("prompt")
+    p = sub.add_parser("next-token", parents=[common, chat, prompt], help="top-k candidates for the next token")
     p.add_argument("--top-k", type=positive_int, default=10)
-    p = sub.add_parser("bench", parents=[common, chat], help="time generation with and without the KV cache")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p = sub.add_parser("bench", parents=[common, chat, prompt], help="time generation with and without the KV cache")
+    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=100)
     p.add_argument("--runs", type=positive_int, default=3)
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     p.add_argument("--vs-transformers", action="store_true",
@@ -418,17 +475,14 @@ def build_parser() -> Parser:
     p.add_argument("--prefill", type=positive_int, nargs="*", default=[512],
                    help="with --vs-transformers: prompt lengths whose forward pass is timed")
     p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
-    p.add_argument("--prompt", default=TOUR_PROMPT)
+    p.add_argument("-p", "--prompt", default=TOUR_PROMPT)
     p.add_argument("--runs", type=positive_int, default=2)
-    p = sub.add_parser("step", parents=[common, chat], help="decode one token at a time, your choice")
-    p.add_argument("prompt")
+    p = sub.add_parser("step", parents=[common, chat, prompt], help="decode one token at a time, your choice")
     p.add_argument("--top-k", type=positive_int, default=5)
-    p.add_argument("--max-new-tokens", type=positive_int, default=200)
-    p = sub.add_parser("lens", parents=[common, chat], help="the logit lens: each layer's best guess")
-    p.add_argument("prompt")
+    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200)
+    p = sub.add_parser("lens", parents=[common, chat, prompt], help="the logit lens: each layer's best guess")
     p.add_argument("--all-positions", action="store_true", help="a table of every position, not just the last")
-    p = sub.add_parser("attention", parents=[common, chat], help="attention heatmap as a PNG")
-    p.add_argument("prompt")
+    p = sub.add_parser("attention", parents=[common, chat, prompt], help="attention heatmap as a PNG")
     p.add_argument("--layer", default="0", help="a layer number, or 'all' for every layer's mean over heads")
     p.add_argument("--head", type=int, default=None, help="one head (default: every head of the layer)")
     p.add_argument("--out", default="attention.png")
@@ -444,13 +498,36 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "arch": cmd_arch, "next-
             "compare": cmd_compare}
 
 
+def resolve_prompt(args) -> None:
+    """PROMPT as a positional or as -p/--prompt (not both); '-' reads it from standard input."""
+    flag = getattr(args, "prompt_flag", None)
+    if flag is not None and args.prompt is not None:
+        raise Phi3Error(f"the prompt was given twice: as PROMPT {args.prompt!r:.40} and as -p {flag!r:.40}; give one")
+    args.prompt = flag if flag is not None else args.prompt
+    if args.prompt is None:
+        raise Phi3Error(f"{args.command} needs a PROMPT: as an argument, with -p, or '-' to read standard input")
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if "prompt" in args and not args.prompt.strip():  # checked before minutes of loading
+    try:  # every flag is checked here, before minutes of loading
+        if "prompt_flag" in args:
+            resolve_prompt(args)
+        if "prompt" in args and not args.prompt.strip():
             raise Phi3Error("PROMPT is empty: give some text to continue")
         if "temperature" in args:
+            sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+                        if value is not None]
+            if sampling and args.temperature == 0:
+                log(f"note: {', '.join(sampling)} choose among sampled tokens, and --temperature is 0 (greedy): "
+                    "sampling with --temperature 1.0")
+                args.temperature = 1.0
             check_sampling(args.temperature, args.top_k, args.top_p)
+        check_device(args.device)
+        if args.dtype is not None:
+            resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
         if getattr(args, "compile", False) and getattr(args, "no_cache", False):
             raise Phi3Error("--compile compiles the cached decode step; it cannot be combined with --no-cache")
         COMMANDS[args.command](args)

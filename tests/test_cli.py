@@ -147,7 +147,7 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
     "argv, message",
     [
         (["generate", "", "--model", "{tiny}"], "error: PROMPT is empty"),
-        (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument --max-new-tokens: expected a positive integer, got '0'"),
+        (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument -n/--max-new-tokens/--max-tokens: expected a positive integer, got '0'"),
         (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
         (["generate", "hi", "--model", "{no_tokenizer}"], "tokenizer.model"),
         (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: temperature must be a number >= 0"),
@@ -325,3 +325,92 @@ def test_step_stops_when_there_is_no_room_left(tiny, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": "")  # always Enter
     code, out, _ = run(capsys, "step", "The model", "--model", tiny, "--max-new-tokens", 2)
     assert code == 0 and "(no room left" in out and "2 tokens chosen" in out
+
+
+# ------------------------------------------------------------------ the habits of other CLIs
+
+
+def test_prompt_as_argument_option_or_stdin(tiny, capsys, monkeypatch):
+    import io
+
+    base = ["generate", "--model", tiny, "-n", 12]
+    positional = run(capsys, base[0], "Each decoder layer", *base[1:])[1]
+    assert run(capsys, *base, "-p", "Each decoder layer")[1] == positional
+    monkeypatch.setattr("sys.stdin", io.StringIO("Each decoder layer"))
+    assert run(capsys, base[0], "-", *base[1:])[1] == positional
+    code, _, err = run(capsys, base[0], "x", *base[1:], "-p", "y")
+    assert code == 1 and "the prompt was given twice" in err
+    code, _, err = run(capsys, "next-token", "--model", tiny)
+    assert code == 1 and "next-token needs a PROMPT: as an argument, with -p, or '-'" in err
+
+
+@pytest.mark.parametrize("flag", ["-n", "--max-tokens", "--max-new-tokens"])
+def test_max_tokens_aliases(tiny, capsys, monkeypatch, flag):
+    seen = recording(monkeypatch)
+    assert run(capsys, "generate", "The", "--model", tiny, flag, 7)[0] == 0
+    assert len(seen) == 7 or seen[-1] in p3.Tokenizer.from_pretrained(tiny).stop_ids
+
+
+def test_sampling_flags_without_temperature_sample_at_1(tiny, capsys):
+    code, implied, err = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--top-p", 0.95, "--seed", 3)
+    assert code == 0 and "--top-p, --seed choose among sampled tokens" in err and "--temperature 1.0" in err
+    explicit = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--top-p", 0.95, "--seed", 3,
+                   "--temperature", 1.0)[1]
+    assert implied == explicit
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and re.fullmatch(r"phi3-scratch \S+.*\n", capsys.readouterr().out)
+
+
+def test_chat_commands_history_and_ctrl_c_at_the_prompt(tiny, capsys, monkeypatch):
+    readline = pytest.importorskip("readline")
+    typed = iter(["/help", "/x", KeyboardInterrupt, "What is RMSNorm?", "/clear", "/bye", "never read"])
+
+    def fake_input(prompt=""):
+        line = next(typed)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt  # Ctrl-C while typing: the line is dropped, the chat goes on
+        return line
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    before = readline.get_current_history_length()
+    code, out, err = run(capsys, "chat", "--model", tiny, "-n", 10)
+    assert code == 0 and out.count("assistant> ") == 1
+    assert err.count("/help this list") >= 3  # at the start, for /help, and for the unknown /x
+    assert "unknown command /x" in err and "(conversation forgotten)" in err
+    added = [readline.get_history_item(i) for i in range(before + 1, readline.get_current_history_length() + 1)]
+    assert "What is RMSNorm?" in added  # the Up arrow brings it back
+
+
+def test_tokenizer_flag_for_a_checkpoint_without_tokenizer_files(tiny, tmp_path, capsys):
+    import shutil
+
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny / name, tmp_path / name)
+    code, _, err = run(capsys, "generate", "hi", "--model", tmp_path, "-n", 3)
+    assert code == 1 and "tokenizer.model not found" in err
+    code, out, _ = run(capsys, "generate", "Each decoder layer", "--model", tmp_path, "--tokenizer", tiny, "-n", 12)
+    assert code == 0 and out == run(capsys, "generate", "Each decoder layer", "--model", tiny, "-n", 12)[1]
+
+
+def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
+    from phi3_scratch import family
+
+    (tmp_path / "config.json").write_text(json.dumps(family.official_config("microsoft/Phi-3-mini-4k-instruct")))
+    args = cli.build_parser().parse_args(["arch", "--model", str(tmp_path), "--device", "cpu"])
+    cli.say_memory(args, tmp_path)
+    assert "the weights take 15.3 GB of memory in float32 on the CPU; --dtype bf16 halves it" in capsys.readouterr().err
+    args.dtype = "bf16"
+    cli.say_memory(args, tmp_path)
+    assert "7.6 GB of memory in bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU: mps is no mistake")
+def test_device_mps_is_refused_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda args: pytest.fail("the device must be checked before loading"))
+    code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "mps")
+    assert code == 1 and err.strip() == (f"error: --device mps: this machine has no Apple GPU that torch can use "
+                                         f"(torch {torch.__version__}); use --device cpu")
