@@ -416,11 +416,9 @@ def cmd_compare(args) -> None:
 
 def check_device(device: str) -> None:
     """--device in the command line's words: cpu, cuda, cuda:N, or mps where torch has it."""
-    if device == "mps" or device.startswith("mps:"):
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise Phi3Error(f"--device {device}: this machine has no Apple GPU that torch can use "
-                            f"(torch {torch.__version__}); use --device cpu")
-        return
+    if device.startswith("mps") and not torch.backends.mps.is_available():
+        raise Phi3Error(f"--device {device}: this machine has no Apple GPU that torch can use "
+                        f"(torch {torch.__version__}); use --device cpu")
     resolve_device(device)
 
 

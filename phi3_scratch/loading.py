@@ -100,13 +100,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise Phi3Error(f"device {device!r} is not a torch device; expected 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise Phi3Error(f"device {str(device)!r} is not supported; expected 'cpu', 'cuda' or 'cuda:N'")
+        raise Phi3Error(f"device {device!r} is not a torch device; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise Phi3Error(f"device {str(device)!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Phi3Error(
             f"device {str(device)!r} was asked for, but this machine has no CUDA GPU that torch can use "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device='cpu'"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise Phi3Error(
+            f"device {str(device)!r} was asked for, but this machine has no Apple GPU that torch can use "
+            f"(torch {torch.__version__}, torch.backends.mps.is_available() is False); use device='cpu'"
         )
     return device
 
@@ -114,7 +119,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
     """None means the checkpoint's own dtype (bf16 for Phi-3) on a GPU and float32 on the CPU."""
     if dtype is None:
-        return checkpoint_dtype if device.type == "cuda" else torch.float32
+        return checkpoint_dtype if device.type in ("cuda", "mps") else torch.float32
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:

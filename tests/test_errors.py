@@ -229,7 +229,7 @@ def test_bad_attention_mask_stop_ids_and_sampling_arguments(checkpoints):
 
 
 def test_device_that_is_not_cpu_or_cuda(folder):
-    with pytest.raises(p3.Phi3Error, match="device 'meta' is not supported; expected 'cpu', 'cuda' or 'cuda:N'"):
+    with pytest.raises(p3.Phi3Error, match="device 'meta' is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'"):
         p3.Phi3ForCausalLM.from_pretrained(folder, device="meta")
 
 
