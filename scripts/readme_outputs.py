@@ -132,20 +132,26 @@ def differences(shown: str, printed: str) -> list[str]:
 
 
 def elided(shown: str, printed: str) -> str:
-    """The new output, keeping a block's `...` elisions where they still fit."""
+    """The new output, keeping a block's `...` elisions: each skips up to the line shown after it."""
     if "..." not in [line.strip() for line in shown.split("\n")]:
         return printed
     kept, actual, i = [], printed.rstrip("\n").split("\n"), 0
     expected = shown.rstrip("\n").split("\n")
     for n, line in enumerate(expected):
-        if line.strip() == "...":
-            kept.append(line)
-            following = expected[n + 1] if n + 1 < len(expected) else None
-            while i < len(actual) and (following is None or actual[i].split()[:1] != following.split()[:1]):
+        if line.strip() != "...":
+            if i < len(actual):
+                kept.append(actual[i])
                 i += 1
-        elif i < len(actual):
-            kept.append(actual[i])
-            i += 1
+            continue
+        following = expected[n + 1] if n + 1 < len(expected) else None
+        skip = i
+        while skip < len(actual) and (following is None or not same_line(following, actual[skip])):
+            skip += 1
+        if following is not None and skip == len(actual):  # the line after the elision is gone: keep all
+            continue
+        kept.append(line)
+        i = skip
+    kept += actual[i:]
     return "\n".join(kept) + "\n"
 
 
