@@ -13,9 +13,10 @@ from .config import Phi3Config
 from .errors import Phi3Error
 from .generation import generate, stream_tokens
 from .model import Phi3ForCausalLM, Phi3Model
+from .notebook import AutoModelForCausalLM, AutoTokenizer, pipeline  # the teaching notebook's names
 from .stepping import Stepper, StepRecord
 from .tokenizer import Tokenizer
 from .tracing import Trace, compare_with_transformers, logit_lens, trace
 
-__all__ = ["KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM", "Phi3Model", "StepRecord", "Stepper", "Tokenizer",
-           "Trace", "compare_with_transformers", "generate", "logit_lens", "stream_tokens", "trace"]
+__all__ = ["AutoModelForCausalLM", "AutoTokenizer", "KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM", "Phi3Model", "StepRecord", "Stepper", "Tokenizer",
+           "Trace", "compare_with_transformers", "generate", "logit_lens", "pipeline", "stream_tokens", "trace"]

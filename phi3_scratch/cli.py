@@ -299,20 +299,37 @@ def bench_vs_transformers(args) -> None:
     benchmark.main(argv)
 
 
+# The teaching notebook's own prompts (Rioplatense Spanish), which the tour uses on a real checkpoint.
+NOTEBOOK_PROMPTS = {
+    "generate": "Mandale un mensajito a Juan pidiéndole perdón por haberle pisado el pie en el bondi. "
+                "Explicale qué pasó, pero sin chamuyo.",
+    "next_token": "La universidad más prestigiosa del mundo es la Universidad de",
+    "timing": "Escribe una carta muy larga explicando por qué el asado del domingo se quemó. Describe qué salió mal.",
+}
+
+
 def cmd_tour(args) -> None:
+    """The notebook's steps in order. On a real checkpoint, with the notebook's prompts as it sends
+    them (no chat template; 200 new tokens, then 100 for the timing); the tiny model, which knows
+    only its corpus, gets questions it can answer, in the chat template."""
+    tiny = args.model == "tiny"
     step = lambda **changes: argparse.Namespace(**{**vars(args), **changes})  # args for one step
     print("== 1. Load: the config, then each weight tensor, straight onto the device ==")
     model, tokenizer = load(args)
-    print(f"\n== 2. Generate: {args.prompt!r} in the chat template, greedy, {args.max_new_tokens} new tokens, "
-          "only the new text ==")
-    ids = encode_prompt(tokenizer, args.prompt, True, model.lm_head.weight.device)
-    stream_text(model, tokenizer, ids, args)
+    device = model.lm_head.weight.device
+    prompt = args.prompt or (TOUR_PROMPT if tiny else NOTEBOOK_PROMPTS["generate"])
+    template = "in the chat template" if tiny else "as it is (no chat template)"
+    print(f"\n== 2. Generate: {prompt!r} {template}, greedy, {args.max_new_tokens} new tokens, only the new text ==")
+    stream_text(model, tokenizer, encode_prompt(tokenizer, prompt, tiny, device), args)
     print("\n== 3. Architecture: embedding, decoder layers (attention + MLP), final norm, head ==")
     cmd_arch(args, model)
     print("\n== 4. Next token: run the body (model.model), then the head (lm_head) on the last position ==")
-    cmd_next_token(step(top_k=5, chat=True), (model, tokenizer))
+    next_prompt = prompt if tiny else NOTEBOOK_PROMPTS["next_token"]
+    cmd_next_token(step(prompt=next_prompt, top_k=5, chat=tiny), (model, tokenizer))
     print("\n== 5. KV cache: the same generation timed with and without it ==")
-    cmd_bench(step(chat=True, max_new_tokens=min(args.max_new_tokens, 50)), (model, tokenizer))
+    timing = step(prompt=prompt, chat=True, max_new_tokens=min(args.max_new_tokens, 50)) if tiny else \
+        step(prompt=NOTEBOOK_PROMPTS["timing"], chat=False, max_new_tokens=100)
+    cmd_bench(timing, (model, tokenizer))
 
 
 def ask() -> str:
@@ -473,7 +490,8 @@ def build_parser() -> Parser:
     p.add_argument("--prefill", type=positive_int, nargs="*", default=[512],
                    help="with --vs-transformers: prompt lengths whose forward pass is timed")
     p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
-    p.add_argument("-p", "--prompt", default=TOUR_PROMPT)
+    p.add_argument("-p", "--prompt", default=None,
+                   help="the generation step's prompt (default: the notebook's; for --model tiny, a question it knows)")
     p.add_argument("--runs", type=positive_int, default=2)
     p = sub.add_parser("step", parents=[common, chat, prompt], help="decode one token at a time, your choice")
     p.add_argument("--top-k", type=positive_int, default=5)
@@ -513,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every flag is checked here, before minutes of loading
         if "prompt_flag" in args:
             resolve_prompt(args)
-        if "prompt" in args and not args.prompt.strip():
+        if "prompt" in args and args.prompt is not None and not args.prompt.strip():
             raise Phi3Error("PROMPT is empty: give some text to continue")
         if "temperature" in args:
             sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))

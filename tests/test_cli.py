@@ -414,3 +414,14 @@ def test_device_mps_is_refused_before_loading(capsys, monkeypatch):
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "mps")
     assert code == 1 and err.strip() == (f"error: --device mps: this machine has no Apple GPU that torch can use "
                                          f"(torch {torch.__version__}); use --device cpu")
+
+
+def test_tour_on_a_real_checkpoint_follows_the_notebook(tiny, capsys, monkeypatch):
+    """Any checkpoint but the tiny model gets the notebook's prompts, sent as the notebook sends them."""
+    seen, real_encode = [], Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: seen.append(text) or real_encode(self, text, **kw))
+    code, out, _ = run(capsys, "tour", "--model", tiny, "-n", 5, "--runs", 1)  # a folder: not `--model tiny`
+    assert code == 0 and "as it is (no chat template), greedy, 5 new tokens" in out
+    for prompt in cli.NOTEBOOK_PROMPTS.values():
+        assert prompt in seen  # raw: no <|user|> around it
+    assert "100 new tokens after" in out  # the notebook's timing: 100 new tokens

@@ -22,7 +22,7 @@ def real_checkpoint() -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(REPO, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        folder = Path(snapshot_download(REPO, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
         return folder if (folder / "config.json").is_file() else None
     except Exception:  # not in the cache: nothing to test against
         return None
@@ -32,7 +32,7 @@ FOLDER = real_checkpoint()
 
 
 @pytest.mark.skipif(FOLDER is None, reason=f"real weights absent: set PHI3_MINI_4K or download {REPO} (7.6 GB)")
-def test_real_phi3_mini_logits_match_transformers_integration_values():
+def test_real_phi3_mini_logits_match_transformers_and_the_notebook():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = p3.Phi3ForCausalLM.from_pretrained(FOLDER, device=device, dtype=torch.float32)
     ids = torch.tensor([[1212, 318, 281, 1672, 2643, 290, 428, 318, 257, 1332]], device=device)
@@ -42,3 +42,11 @@ def test_real_phi3_mini_logits_match_transformers_integration_values():
     row1 = torch.tensor([18.7090, 18.5701, 19.3660, 21.5171])
     torch.testing.assert_close(logits[0, :6], row0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[1, :4], row1, rtol=1e-4, atol=1e-4)
+    # The teaching notebook's cell 4: body, then head, on its prompt; it shows 'Harvard'.
+    from phi3_scratch.cli import NOTEBOOK_PROMPTS
+
+    tokenizer = p3.AutoTokenizer.from_pretrained(FOLDER)
+    input_ids = tokenizer(NOTEBOOK_PROMPTS["next_token"], return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        token_id = model.lm_head(model.model(input_ids))[0, -1].argmax(-1)
+    assert tokenizer.decode(token_id) == "Harvard"
