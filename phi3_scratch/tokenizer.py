@@ -21,6 +21,10 @@ tokenizer.json ("\\n    return": sentencepiece "▁▁▁" "▁return", tokenize
 the decoded text is the same, and sentencepiece is the tokenizer Microsoft trained with.
 Decoding follows tokenizer.json's decoder: "▁" -> " ", byte pieces joined into UTF-8, one leading
 space dropped; see docs/TOKENIZER.md.
+
+Phi-4-mini and phi-4 ship no tokenizer.model but a byte-level BPE in tokenizer.json: the same
+class reads it (bpe.py explains that scheme); added tokens, the chat template and streaming work
+the same way, and decoding is bytes -> UTF-8, with no leading space to drop.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import sentencepiece as spm
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .bpe import ByteLevelBPE
 from .config import read_json
 from .errors import Phi3Error
 
@@ -64,33 +69,18 @@ class AddedToken:
 
 
 class Tokenizer:
-    """A sentencepiece model plus the added tokens and settings of tokenizer_config.json."""
+    """A sentencepiece model (Phi-3) or a byte-level BPE (Phi-4, bpe.py), plus the added tokens and
+    settings of tokenizer_config.json."""
 
-    def __init__(self, sp: spm.SentencePieceProcessor, added: list[AddedToken], config: dict,
+    def __init__(self, model: spm.SentencePieceProcessor | ByteLevelBPE, added: list[AddedToken], config: dict,
                  chat_template: str | None = None):
-        self._sp = sp
-        self._added = {t.content: t for t in added}
-        self._added_by_id = {t.id: t for t in added}
-        longest_first = sorted(self._added, key=len, reverse=True)
-        self._added_re = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")  # (?!) never matches
-        self.vocab_size = max([sp.get_piece_size()] + [t.id + 1 for t in added])
-        self.add_bos, self.add_eos = config.get("add_bos_token", False), config.get("add_eos_token", False)
-        # Token strings are "<s>" or {"content": "<s>", ...}; the template sees them as strings.
-        names = {key: config.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self._names = {k: v.get("content") if isinstance(v, dict) else v for k, v in names.items() if v is not None}
-        self.bos_token_id = self._named_id("bos_token", sp.bos_id())
-        self.eos_token_id = self._named_id("eos_token", sp.eos_id())
-        self.pad_token_id = self._named_id("pad_token", sp.pad_id())
-        self.chat_template = chat_template or config.get("chat_template") or CHAT_TEMPLATE_PHI3
-        # The environment transformers renders chat templates in (Hub templates are untrusted code: sandboxed).
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_exception
-        try:
-            self._template = env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise Phi3Error(f"the chat_template of tokenizer_config.json or chat_template.jinja is not "
-                            f"valid Jinja: {e}") from None
+        if isinstance(model, ByteLevelBPE):  # Phi-4: no sentencepiece, no byte pieces, no "▁"
+            self._sp, self._bpe = None, model
+            self._setup(added, config, chat_template, max(model.piece_of) + 1, (-1, -1, -1))
+            return
+        self._sp = sp = model
+        self._bpe = None
+        self._setup(added, config, chat_template, sp.get_piece_size(), (sp.bos_id(), sp.eos_id(), sp.pad_id()))
         # For decoding: the text of every id (None in gaps between ids), and the byte of each "<0xNN>" piece.
         self._text: list[str | None] = [None] * self.vocab_size
         self._byte: dict[int, int] = {}
@@ -102,6 +92,31 @@ class Tokenizer:
             self._text[t.id] = t.content.replace("▁", " ")
             self._byte.pop(t.id, None)
 
+    def _setup(self, added: list[AddedToken], config: dict, chat_template: str | None, pieces: int,
+               defaults: tuple[int, int, int]) -> None:
+        """What every tokenizer here has: the added tokens, the special ids, the chat template."""
+        self._added = {t.content: t for t in added}
+        self._added_by_id = {t.id: t for t in added}
+        longest_first = sorted(self._added, key=len, reverse=True)
+        self._added_re = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")  # (?!) never matches
+        self.vocab_size = max([pieces] + [t.id + 1 for t in added])
+        self.add_bos, self.add_eos = config.get("add_bos_token", False), config.get("add_eos_token", False)
+        # Token strings are "<s>" or {"content": "<s>", ...}; the template sees them as strings.
+        names = {key: config.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self._names = {k: v.get("content") if isinstance(v, dict) else v for k, v in names.items() if v is not None}
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = (
+            self._named_id(key, default) for key, default in zip(("bos_token", "eos_token", "pad_token"), defaults))
+        self.chat_template = chat_template or config.get("chat_template") or CHAT_TEMPLATE_PHI3
+        # The environment transformers renders chat templates in (Hub templates are untrusted code: sandboxed).
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_exception
+        try:
+            self._template = env.from_string(self.chat_template)
+        except TemplateError as e:
+            raise Phi3Error(f"the chat_template of tokenizer_config.json or chat_template.jinja is not "
+                            f"valid Jinja: {e}") from None
+
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path) -> Tokenizer:
         """A folder with tokenizer.model (+ tokenizer_config.json), or a repo id to download."""
@@ -109,21 +124,24 @@ class Tokenizer:
 
         folder = resolve_checkpoint(path_or_repo_id, TOKENIZER_FILES)
         model = folder / "tokenizer.model"
-        if not model.is_file():
-            phi4 = (" The folder has a tokenizer.json: Phi-4 models ship a BPE tokenizer.json and no sentencepiece "
-                    "model, and this project does not read it." if (folder / "tokenizer.json").is_file() else "")
-            raise Phi3Error(f"{model} not found; expected the sentencepiece model of a Phi-3 checkpoint.{phi4}")
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.Load(str(model))
-        except (OSError, RuntimeError) as e:
-            raise Phi3Error(f"{model} is not a readable sentencepiece model ({e})") from None
+        if not model.is_file() and not (folder / "tokenizer.json").is_file():
+            raise Phi3Error(f"{model} not found, and no tokenizer.json: expected the sentencepiece model of a "
+                            "Phi-3 checkpoint, or the byte-level BPE tokenizer.json of a Phi-4 one")
+        if model.is_file():
+            sp = spm.SentencePieceProcessor()
+            try:
+                sp.Load(str(model))
+            except (OSError, RuntimeError) as e:
+                raise Phi3Error(f"{model} is not a readable sentencepiece model ({e})") from None
         config = read_json(folder / "tokenizer_config.json", {})
         for key, kind in (("add_bos_token", bool), ("add_eos_token", bool), ("chat_template", str)):
             if config.get(key) is not None and not isinstance(config[key], kind):
                 raise Phi3Error(f"{folder / 'tokenizer_config.json'}: {key} is {config[key]!r:.100}; "
                                 f"expected a {kind.__name__}")
         template = folder / "chat_template.jinja"  # where transformers 5's save_pretrained writes it
+        if not model.is_file():  # Phi-4: tokenizer.json's byte-level BPE
+            path = folder / "tokenizer.json"
+            sp = ByteLevelBPE.from_tokenizer_json(read_json(path), str(path))
         return cls(sp, _added_tokens(folder, config), config, template.read_text() if template.is_file() else None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -135,11 +153,17 @@ class Tokenizer:
         while match := self._added_re.search(text, pos):
             token = self._added[match.group()]
             before = text[pos:match.start()]
-            ids += self._sp.encode(before.rstrip(WHITESPACE) if token.lstrip else before)
+            ids += self._encode_text(before.rstrip(WHITESPACE) if token.lstrip else before)
             ids.append(token.id)
             pos = LEADING_WHITESPACE.match(text, match.end()).end() if token.rstrip else match.end()
-        ids += self._sp.encode(text[pos:])
+        ids += self._encode_text(text[pos:])
         return ids + [self.eos_token_id] if add_special_tokens and self.add_eos else ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """The ids of a stretch of text between added tokens."""
+        if self._bpe is not None:
+            return self._bpe.encode(text)
+        return self._sp.encode(text) if text else []
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (a list or a 1-D tensor), as tokenizer.json's decoder writes it.
@@ -147,6 +171,10 @@ class Tokenizer:
         Ids the tokenizer has no piece for (Phi-3's lm_head has 53 padding rows, 32011-32063, that a
         model can still pick) decode to nothing, as in tokenizers.
         """
+        if self._bpe is not None:  # bytes of every token, then UTF-8 (U+FFFD for broken sequences)
+            return b"".join(self._token_bytes(i) for i in self._check_ids(ids, "decode(ids)")
+                            if not (self._unknown(i) or skip_special_tokens and self._is_special(i))
+                            ).decode("utf-8", errors="replace")
         parts, run = [], bytearray()
         for i in self._check_ids(ids, "decode(ids)"):
             if self._unknown(i) or skip_special_tokens and self._is_special(i):
@@ -161,8 +189,8 @@ class Tokenizer:
         text = "".join(parts) + (_utf8(run) if run else "")
         return text[1:] if text.startswith(" ") else text
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder | ByteStreamDecoder:
+        return (StreamDecoder if self._bpe is None else ByteStreamDecoder)(self, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]); encode() it next."""
@@ -190,7 +218,9 @@ class Tokenizer:
         (i,) = self._check_ids([i], "id_to_piece(i)")
         if self._unknown(i):
             return ""
-        return self._added_by_id[i].content if i in self._added_by_id else self._sp.id_to_piece(i)
+        if i in self._added_by_id:
+            return self._added_by_id[i].content
+        return self._bpe.piece_of[i] if self._bpe is not None else self._sp.id_to_piece(i)
 
     def _is_special(self, i: int) -> bool:
         return i in self._added_by_id and self._added_by_id[i].special
@@ -201,10 +231,14 @@ class Tokenizer:
             return sp_default if sp_default >= 0 else None
         if content in self._added:
             return self._added[content].id
-        i = self._sp.piece_to_id(content)
-        if self._sp.id_to_piece(i) != content:
+        if self._bpe is not None:
+            i = self._bpe.vocab.get(content)
+        else:
+            i = self._sp.piece_to_id(content)
+            i = i if self._sp.id_to_piece(i) == content else None
+        if i is None:
             raise Phi3Error(f"tokenizer_config.json: {key} is {content!r}; expected an added token "
-                            "or a piece of tokenizer.model")
+                            "or a piece of the vocabulary")
         return i
 
     def _check_ids(self, ids, where: str) -> list[int]:
@@ -220,7 +254,13 @@ class Tokenizer:
         return checked
 
     def _unknown(self, i: int) -> bool:
+        if self._bpe is not None:
+            return i not in self._added_by_id and i not in self._bpe.piece_of
         return i >= self.vocab_size or self._text[i] is None
+
+    def _token_bytes(self, i: int) -> bytes:
+        """Byte-level BPE: the bytes a token stands for (an added token: its text)."""
+        return self._added_by_id[i].content.encode() if i in self._added_by_id else self._bpe.token_bytes(i)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, added={len(self._added)}, "
@@ -265,6 +305,27 @@ class StreamDecoder:
     def finish(self) -> str:
         """Call when generation ends: the bytes of a character left unfinished, as U+FFFD each."""
         text, self._held = "\ufffd" * self._held, 0
+        self._utf8.reset()
+        return text
+
+
+class ByteStreamDecoder:
+    """StreamDecoder for a byte-level BPE: push(id) returns the text its bytes complete, so
+    "".join(pushes) + finish() == decode(ids)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tok, self._skip = tokenizer, skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        (i,) = self._tok._check_ids([token_id], "push(token_id)")
+        if self._tok._unknown(i) or self._skip and self._tok._is_special(i):
+            return ""
+        return self._utf8.decode(self._tok._token_bytes(i))
+
+    def finish(self) -> str:
+        """Call when generation ends: a character left unfinished, as U+FFFD."""
+        text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
 

@@ -425,3 +425,33 @@ def test_tour_on_a_real_checkpoint_follows_the_notebook(tiny, capsys, monkeypatc
     for prompt in cli.NOTEBOOK_PROMPTS.values():
         assert prompt in seen  # raw: no <|user|> around it
     assert "100 new tokens after" in out  # the notebook's timing: 100 new tokens
+
+
+@pytest.mark.parametrize("leave", ["/quit", "/exit"])
+def test_chat_leaves_on_quit_and_exit(tiny, capsys, monkeypatch, leave):
+    typed = iter([leave, "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    code, out, _ = run(capsys, "chat", "--model", tiny)
+    assert code == 0 and "assistant> " not in out and next(typed) == "never read"
+
+
+def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda args: pytest.fail("a bad flag must be refused before loading"))
+    code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--dtype", "int3")
+    assert code == 1 and "dtype 'int3' is not supported" in err
+    code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "tpu")
+    assert code == 1 and "device 'tpu' is not supported" in err
+
+
+def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch):
+    """A repo whose tokenizer cannot be read fails in seconds, before gigabytes of weights download."""
+    fetched = []
+
+    def refuse(path_or_repo_id):
+        fetched.append(("tokenizer", str(path_or_repo_id)))
+        raise p3.Phi3Error(f"{path_or_repo_id}: no readable tokenizer")
+
+    monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(refuse))
+    monkeypatch.setattr(cli, "model_folder", lambda args: fetched.append(("weights", args.model)))
+    code, _, err = run(capsys, "generate", "hi", "--model", "someone/some-model")
+    assert code == 1 and "no readable tokenizer" in err and fetched == [("tokenizer", "someone/some-model")]
