@@ -440,7 +440,7 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--dtype", "int3")
     assert code == 1 and "dtype 'int3' is not supported" in err
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "tpu")
-    assert code == 1 and "device 'tpu' is not supported" in err
+    assert code == 1 and "device 'tpu' is not a torch device" in err
 
 
 def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch):
