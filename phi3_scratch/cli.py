@@ -30,6 +30,7 @@ from .generation import check_sampling, generate, stream_tokens
 from .config import Phi3Config
 from .loading import CONFIG_FILES, resolve_checkpoint, resolve_device, resolve_dtype
 from .model import Phi3ForCausalLM
+from .quantize import use_int8_modules
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -75,7 +76,11 @@ def meta_model(args) -> Phi3ForCausalLM:
         config = Phi3Config.from_pretrained(resolve_checkpoint(args.model, CONFIG_FILES))
     dtype = resolve_dtype(args.dtype or config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
     with torch.device("meta"):
-        return Phi3ForCausalLM(config).to(dtype)
+        model = Phi3ForCausalLM(config).to(dtype)
+        if args.quantize or config.quantization:
+            use_int8_modules(model, dtype)
+            config.quantization = "int8"
+        return model
 
 
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
@@ -92,8 +97,8 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
         log(f"\r  weights [{'#' * filled}{'-' * (30 - filled)}] {done}/{total} tensors", end="\n" if done == total else "")
 
     model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=bar,
-                                            attention=args.attention)
-    weight = model.lm_head.weight
+                                            attention=args.attention, quantize=args.quantize)
+    weight = model.model.embed_tokens.weight
     log(f"loaded {count(model):,} parameters ({weight.dtype}, {weight_bytes(model) / 1e9:.3f} GB) and "
         f"the tokenizer in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
@@ -103,17 +108,20 @@ def say_memory(args, folder) -> None:
     """Before a large CPU load: how much memory the weights will take, and how to halve it."""
     if torch.device(args.device).type != "cpu":
         return
-    with torch.device("meta"):
-        n = count(Phi3ForCausalLM(Phi3Config.from_pretrained(folder)))
     dtype = resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
-    size = n * dtype.itemsize
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(Phi3Config.from_pretrained(folder)).to(dtype)
+        if args.quantize:
+            use_int8_modules(model, dtype)
+    size = weight_bytes(model)
     if size > 2**30:
         hint = "; --dtype bf16 halves it" if dtype == torch.float32 else ""
         log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} on the CPU{hint}")
 
 
 def count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    """The model's parameters (a tied head once; an int8 matrix's scales are not parameters of Phi-3)."""
+    return sum(p.numel() for name, p in model.named_parameters() if not name.endswith(".scale"))
 
 
 def weight_bytes(model) -> int:
@@ -224,8 +232,8 @@ def cmd_arch(args, model=None) -> None:
     layers = model.model.layers
     parts = {
         "embed_tokens": model.model.embed_tokens.weight.numel(),
-        "attention (qkv_proj, o_proj)": sum(p.numel() for layer in layers for p in layer.self_attn.parameters()),
-        "mlp (gate_up_proj, down_proj)": sum(p.numel() for layer in layers for p in layer.mlp.parameters()),
+        "attention (qkv_proj, o_proj)": sum(count(layer.self_attn) for layer in layers),
+        "mlp (gate_up_proj, down_proj)": sum(count(layer.mlp) for layer in layers),
         "norms": sum(p.numel() for n, p in model.named_parameters() if "norm" in n),
         "lm_head": 0 if c.tie_word_embeddings else model.lm_head.weight.numel(),
     }
@@ -235,10 +243,11 @@ def cmd_arch(args, model=None) -> None:
         note = "  (tied: the embedding matrix)" if name == "lm_head" and c.tie_word_embeddings else ""
         print(f"{name:34s}{n:>16,}{n / total:>8.1%}{note}")
     print(f"{'total':34s}{total:>16,}")
-    element = model.lm_head.weight.element_size()
+    element = model.model.embed_tokens.weight.element_size()  # the KV cache's dtype, the model's
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # k and v
     size = weight_bytes(model)
-    print(f"\nweights: {size / 1e9:.3f} GB ({size / 2**30:.3f} GiB) in {model.lm_head.weight.dtype}")
+    kind = " (int8 matrices, scales and the rest)" if c.quantization else ""
+    print(f"\nweights: {size / 1e9:.3f} GB ({size / 2**30:.3f} GiB) in {model.model.embed_tokens.weight.dtype}{kind}")
     print(f"KV cache: {per_token / 1024:.1f} KiB per token (2 x {c.num_hidden_layers} layers x "
           f"{c.num_key_value_heads} kv heads x {c.head_dim} x {element} B); "
           f"{per_token * c.max_position_embeddings / 2**30:.3f} GiB for all {c.max_position_embeddings} positions")
@@ -418,7 +427,7 @@ def cmd_compare(args) -> None:
     except ImportError:
         raise Phi3Error("compare runs transformers beside this model: pip install transformers") from None
     model, tokenizer = load(args)
-    weight = model.lm_head.weight
+    weight = model.model.embed_tokens.weight
     log(f"loading transformers' Phi3ForCausalLM (eager attention) from the same folder, {weight.dtype}")
     hf = transformers.Phi3ForCausalLM.from_pretrained(model_folder(args), dtype=weight.dtype,
                                                       attn_implementation="eager").to(weight.device).eval()
@@ -455,6 +464,8 @@ def build_parser() -> Parser:
     common.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
     common.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
                         help="eager: written out step by step (default); sdpa: torch's fused kernel")
+    common.add_argument("--quantize", default=None, choices=["int8"],
+                        help="int8: int8 weights with one scale per output channel, half of bf16's memory")
     common.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="the tokenizer's folder or repo id, for a checkpoint without tokenizer files")
     gen = Parser(add_help=False)

@@ -60,7 +60,7 @@ def static_cache(model, batch_size: int, needed: int) -> KVCache:
     while max_len < needed:
         max_len *= 2
     max_len = min(max_len, model.config.max_position_embeddings)
-    weight = model.lm_head.weight
+    weight = model.model.embed_tokens.weight  # the model's dtype and device
     held = getattr(model, "_static_cache", None)
     fits = held is not None and held.batch_size == batch_size and held.max_len >= needed and \
         held.keys[0].dtype == weight.dtype and held.keys[0].device == weight.device

@@ -50,6 +50,7 @@ class Phi3Config:
     pad_token_id: int | None = 32000
     stop_token_ids: list[int] = field(default_factory=list)  # what generate() stops at
     torch_dtype: str | None = None  # the weights' dtype as config.json names it ("bfloat16"), if it does
+    quantization: str | None = None  # "int8" for a checkpoint saved quantized (quantize.py)
     source: str = "<in memory>"  # the file this config was read from, for error messages
 
     def __post_init__(self):
@@ -120,6 +121,8 @@ class Phi3Config:
                         f"{self.rotary_dim // 2} numbers, got "
                         f"{'none' if factors is None else len(factors)}"
                     )
+        if self.quantization not in (None, "int8"):
+            raise Phi3Error(f"{where}: quantization must be null or 'int8', got {self.quantization!r}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
 
@@ -175,10 +178,28 @@ class Phi3Config:
                 pad_token_id=d.get("pad_token_id"),
                 stop_token_ids=_as_id_list(d.get("eos_token_id")),
                 torch_dtype=d.get("torch_dtype") or d.get("dtype"),  # official / transformers 5
+                quantization=d.get("quantization"),
                 source=source,
             )
         except KeyError as e:
             raise Phi3Error(f"config {source}: required field {e.args[0]!r} is missing") from None
+
+    def to_dict(self) -> dict:
+        """config.json in the official on-disk format: from_dict(to_dict()) gives this config back."""
+        d = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu"}
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings",
+                     "rms_norm_eps", "rope_theta", "partial_rotary_factor", "sliding_window", "tie_word_embeddings",
+                     "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "quantization"):
+            d[name] = getattr(self, name)
+        d["rope_scaling"] = None
+        if self.rope_type == "longrope":
+            d["rope_scaling"] = {"type": "longrope", "short_factor": self.rope_short_factor,
+                                 "long_factor": self.rope_long_factor}
+            for key, value in (("attention_factor", self.rope_attention_factor), ("factor", self.rope_factor)):
+                if value is not None:
+                    d["rope_scaling"][key] = value
+        return d
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "Phi3Config":

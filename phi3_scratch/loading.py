@@ -31,6 +31,7 @@ from torch import nn
 from .config import Phi3Config
 from .errors import Phi3Error
 from .model import check_attention_kernel
+from .quantize import check_method, quantize_int8, quantized_names, use_int8_modules
 
 HUB_FILES = [
     "config.json",
@@ -168,29 +169,43 @@ def _open(path: Path):
 
 
 def _checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
+    """The dtype of the checkpoint's first floating-point tensor (an int8 checkpoint's are its scales)."""
     first = folder / files[0]
     with _open(first) as f:
         names = list(f.keys())
-        if not names:
-            return torch.float32
-        code = f.get_slice(names[0]).get_dtype()
-    if code not in SAFETENSORS_DTYPES:
-        raise Phi3Error(f"{first}: tensor {names[0]} has dtype {code}; expected one of {sorted(SAFETENSORS_DTYPES)}")
-    return SAFETENSORS_DTYPES[code]
+        codes = [(name, f.get_slice(name).get_dtype()) for name in names]
+    for name, code in codes:
+        if code == "I8":
+            continue
+        if code not in SAFETENSORS_DTYPES:
+            raise Phi3Error(f"{first}: tensor {name} has dtype {code}; expected one of "
+                            f"{sorted(SAFETENSORS_DTYPES)} (or I8, in an int8 checkpoint)")
+        return SAFETENSORS_DTYPES[code]
+    return torch.float32
 
 
-def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, attention="eager") -> nn.Module:
+def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, attention="eager",
+               quantize=None) -> nn.Module:
     """progress, if given, is called as progress(tensors_done, tensors_total) after each tensor;
-    attention is "eager" or "sdpa" (Phi3ForCausalLM.set_attention)."""
+    attention is "eager" or "sdpa" (Phi3ForCausalLM.set_attention); quantize "int8" quantizes each
+    matrix as it is loaded (quantize.py), so the full-precision weights never all exist at once."""
     check_attention_kernel(attention)  # before minutes of loading
+    check_method(quantize)
     device = resolve_device(device)
     folder = resolve_checkpoint(path_or_repo_id)
     config = Phi3Config.from_pretrained(folder)
     files = weight_files(folder)
     dtype = resolve_dtype(dtype, device, _checkpoint_dtype(folder, files))
+    saved = config.quantization  # a checkpoint saved quantized holds int8 weights and their scales
+    if quantize and saved and quantize != saved:
+        raise Phi3Error(f"{folder}: the checkpoint is quantized as {saved}; it cannot be loaded as {quantize}")
+    quantize = quantize or saved
 
     with torch.device("meta"):
         model = cls(config)  # shapes only, no storage
+        if quantize:
+            use_int8_modules(model, dtype)
+    to_quantize = {f"{name}.weight" for name in quantized_names(model)} if quantize and not saved else set()
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
     loaded: set[str] = set()
     total = len(expected)
@@ -216,7 +231,13 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
-            set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            if name in to_quantize:  # quantized on the device; the full-precision matrix goes at once
+                weight, scale = quantize_int8(tensor.to(device=device, dtype=dtype))
+                set_parameter(model, name, weight)
+                set_parameter(model, name.removesuffix("weight") + "scale", scale)
+                loaded.add(name.removesuffix("weight") + "scale")
+            else:  # int8 stays int8
+                set_parameter(model, name, tensor.to(device=device, dtype=None if tensor.dtype == torch.int8 else dtype))
             del tensor  # on a GPU load: the host copy goes now
             loaded.add(name)
             if progress:
@@ -229,6 +250,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = type(model.model.rotary_emb)(config, device=device)  # computed, not loaded
+    config.quantization = quantize
     return model.set_attention(attention).eval()
 
 

@@ -91,7 +91,7 @@ class Phi3ForCausalLM(nn.Module):
                 f"max_len must be in 1..max_position_embeddings={self.config.max_position_embeddings}, "
                 f"got {max_len}"
             )
-        weight = self.lm_head.weight
+        weight = self.model.embed_tokens.weight  # the model's dtype (an int8 head's is not)
         c = self.config
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
                        dtype=weight.dtype, device=weight.device, static=static)
@@ -99,11 +99,20 @@ class Phi3ForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, progress=None,
-                        attention: str = "eager") -> "Phi3ForCausalLM":
-        """Load a checkpoint (a local folder, a Hugging Face repo id, or "tiny"); see loading.py."""
+                        attention: str = "eager", quantize: str | None = None) -> "Phi3ForCausalLM":
+        """Load a checkpoint (a local folder, a Hugging Face repo id, or "tiny"); see loading.py.
+
+        quantize="int8": int8 weights, one scale per output channel (quantize.py)."""
         from .loading import load_model
 
-        return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress, attention=attention)
+        return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress, attention=attention,
+                          quantize=quantize)
+
+    def save_pretrained(self, folder) -> None:
+        """Write config.json, generation_config.json and model.safetensors (a quantized model as it is)."""
+        from .quantize import save_pretrained
+
+        save_pretrained(self, folder)
 
 
 class Phi3Model(nn.Module):

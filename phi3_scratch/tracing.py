@@ -138,7 +138,7 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
     the place to start looking). `hf_model` is transformers' Phi3ForCausalLM on the same weights
     (eager attention, so that it returns its attention probabilities).
     """
-    tolerance = default_tolerance(model.lm_head.weight.dtype) if tolerance is None else tolerance
+    tolerance = default_tolerance(model.model.embed_tokens.weight.dtype) if tolerance is None else tolerance
     if getattr(hf_model.config, "_attn_implementation", None) != "eager":
         raise Phi3Error("compare_with_transformers needs transformers' model with attn_implementation='eager' "
                         f"(it returns its attention probabilities), got {hf_model.config._attn_implementation!r}")
