@@ -44,9 +44,16 @@ from phi3_scratch import family
 from phi3_scratch.loading import set_parameter
 
 # phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
-OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", "first_token", "decode_cached"),
-        "phi3_scratch-compiled": ("first_token", "decode_cached"),
-        "phi3_scratch-compiled-sdpa": ("first_token", "decode_cached")}  # not run unless --ours names it
+DECODE = ("first_token", "decode_cached")
+OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", *DECODE), "phi3_scratch-compiled": DECODE,
+        "phi3_scratch-int8": DECODE, "phi3_scratch-compiled-int8": DECODE,
+        # not run unless --ours names them: torch's fused attention in the compiled step; bf16 weights
+        # (on the CPU, beside fp32 ones)
+        "phi3_scratch-compiled-sdpa": DECODE, "phi3_scratch-bf16": DECODE}
+# transformers' variants: its attention implementations, and "compiled": a static cache and a
+# torch.compile'd forward, the fastest decoding its documentation describes.
+THEIRS = ("eager", "sdpa", "compiled")
+JOBS = {**OURS, "transformers-compiled": DECODE}  # the measures each variant runs (by name prefix; None: all)
 # Phi-3-mini-4k-instruct's shape (3.8B parameters), from the family data; the others scale it down.
 MINI = family.official_config("microsoft/Phi-3-mini-4k-instruct")
 SMALL = {**MINI, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -111,11 +118,52 @@ def build(args, device, dtype):
         theirs = {n: p.data_ptr() for n, p in hf.named_parameters(remove_duplicate=False)}
         shared = all(theirs[n] == p.data_ptr() for n, p in ours.named_parameters(remove_duplicate=False))
         assert shared, "phi3_scratch and transformers must read the very same weight tensors"
-    models = {}
-    for impl in args.transformers:
-        hf.config._attn_implementation = impl
-        models[f"transformers-{impl}"] = hf  # one set of weights; the attention kernel is a setting
+    models = {f"transformers-{impl}": hf for impl in args.transformers}  # one set of weights; the kernel is a setting
     return ours, models
+
+
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of all the weights, bytes a decode step reads): every weight once, except the embedding
+    matrix, of which a step reads one row (unless the head is tied to it and reads all of it)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    return weights, weights - (0 if model.config.tie_word_embeddings else embed.numel() * embed.element_size())
+
+
+def variant(ours, name: str):
+    """The model a phi3_scratch variant runs: `ours` itself, or one built from the very same weights,
+    int8 (quantize.py) or in bf16."""
+    import dataclasses
+
+    from phi3_scratch.quantize import quantize_model
+
+    if not (name.endswith("-int8") or name.endswith("-bf16")):
+        return ours
+    dtype = torch.bfloat16 if name.endswith("-bf16") else ours.model.embed_tokens.weight.dtype
+    device = ours.model.embed_tokens.weight.device
+    with torch.device("meta"):
+        model = p3.Phi3ForCausalLM(dataclasses.replace(ours.config))
+    for param_name, p in ours.named_parameters():
+        set_parameter(model, param_name, p.to(dtype))  # the same tensor where the dtype is the same
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config, device=device)
+    return (quantize_model(model) if name.endswith("-int8") else model).eval()
+
+
+_hf_compiled = {}  # id of a transformers model -> its compiled forward
+
+
+def with_compiled_forward(hf, device, run):
+    """run() with hf.forward compiled, as transformers' docs describe for a static cache; then the eager one again."""
+    if id(hf) not in _hf_compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU
+        _hf_compiled[id(hf)] = torch.compile(hf.forward, mode=mode, fullgraph=True)
+    hf.forward = _hf_compiled[id(hf)]
+    try:
+        return run()
+    finally:
+        del hf.forward  # the class's own forward again, for the eager and sdpa variants
 
 
 def sync(device):
@@ -154,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048])
-    parser.add_argument("--transformers", nargs="*", default=["eager", "sdpa"], help="attention implementations")
-    parser.add_argument("--ours", nargs="*", default=list(OURS)[:3], choices=list(OURS), help="phi3_scratch variants")
+    parser.add_argument("--transformers", nargs="*", default=list(THEIRS), choices=THEIRS,
+                        help="transformers' variants: eager and sdpa attention, compiled (static cache + torch.compile)")
+    parser.add_argument("--ours", nargs="*", default=list(OURS)[:5], choices=list(OURS), help="phi3_scratch variants")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--profile", type=Path, help="also write a profile of 10 decode steps to this file")
     args = parser.parse_args(argv)
@@ -165,12 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtype = p3.loading.resolve_dtype(args.dtype, device, torch.bfloat16)
     ours, hf_models = build(args, device, dtype)
-    impls = {name: ours for name in args.ours} | hf_models
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-    # A decode step reads every weight once, except the embedding matrix, of which it reads one row
-    # (unless the head is tied to it, and then the head reads all of it).
-    embed = ours.model.embed_tokens.weight
-    step_bytes = weight_bytes - (0 if ours.config.tie_word_embeddings else embed.numel() * embed.element_size())
+    impls = {name: variant(ours, name) for name in args.ours} | hf_models
+    sizes = {name: model_bytes(ours if name.startswith("transformers-") else model) for name, model in impls.items()}
     bandwidth = copy_bandwidth(device)
     vocab = ours.config.vocab_size
     torch.manual_seed(1)
@@ -181,8 +226,12 @@ def main(argv: list[str] | None = None) -> None:
         if name.startswith("phi3_scratch"):
             compile = name.startswith("phi3_scratch-compiled")
             return lambda: p3.generate(model, prompt, n, use_cache=use_cache, eos_token_id=[], compile=compile)
-        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, use_cache=use_cache, pad_token_id=0)
+        options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       use_cache=use_cache, pad_token_id=0)
+        if name == "transformers-compiled":
+            return lambda: with_compiled_forward(model, device, lambda: model.generate(
+                prompt, cache_implementation="static", disable_compile=True, **options))
+        return lambda: model.generate(prompt, **options)
 
     def prefill(model, length):
         ids = torch.randint(0, vocab, (1, length), device=device)
@@ -196,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             jobs[(f"prefill_{length}", length)] = lambda name, m, length=length: prefill(m, length)
 
     def runs(job: str, name: str) -> bool:
-        return OURS.get(name) is None or job.startswith(OURS[name])
+        return JOBS.get(name) is None or job.startswith(JOBS[name])
 
     times = {(job, name): [] for job in jobs for name in impls if runs(job[0], name)}
     warmup, peaks, failed = {}, {}, {}
@@ -207,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
                     if not runs(job[0], name) or (job, name) in failed:
                         continue
                     if name.startswith("transformers-"):
-                        model.config._attn_implementation = name.removeprefix("transformers-")
+                        kernel = name.removeprefix("transformers-")
+                        model.config._attn_implementation = "sdpa" if kernel == "compiled" else kernel
                     else:
                         model.set_attention("sdpa" if name.endswith("-sdpa") else "eager")
                     fn = make(name, model)
@@ -244,10 +294,10 @@ def main(argv: list[str] | None = None) -> None:
                    "runs_s": [round(t, 5) for t in times[((job, tokens), name)]],
                    "warmup_s": round(warmup[((job, tokens), name)], 3),
                    "ratio_to_transformers_eager": round(base / median, 3) if base else None,
-                   "peak_memory_bytes": peaks[((job, tokens), name)], "weights_bytes": weight_bytes}
+                   "peak_memory_bytes": peaks[((job, tokens), name)], "weights_bytes": sizes[name][0]}
             if job == "decode_cached":
                 first = times.get((("first_token", 1), name))
-                row.update(decode_figures(median, statistics.median(first) if first else None, tokens, step_bytes,
+                row.update(decode_figures(median, statistics.median(first) if first else None, tokens, sizes[name][1],
                                           bandwidth))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-OURS = ("phi3_scratch", "phi3_scratch-sdpa", "phi3_scratch-compiled")
-THEIRS = ("transformers-eager", "transformers-sdpa")
+OURS = ("phi3_scratch", "phi3_scratch-sdpa", "phi3_scratch-compiled", "phi3_scratch-int8", "phi3_scratch-compiled-int8")
+THEIRS = ("transformers-eager", "transformers-sdpa", "transformers-compiled")
 KEYS = {"measure", "impl", "config", "device", "dtype", "torch", "tokens", "median_s", "tokens_per_s", "ms_per_token",
         "runs_s", "ratio_to_transformers_eager", "peak_memory_bytes", "weights_bytes"}
 
@@ -23,8 +23,8 @@ def test_bench_script_prints_every_measurement(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     expected = {("first_token", i) for i in OURS + THEIRS} | {("decode_cached", i) for i in OURS + THEIRS}
-    expected |= {("decode_uncached", i) for i in ("phi3_scratch", *THEIRS)}
-    expected |= {("prefill_16", i) for i in ("phi3_scratch", "phi3_scratch-sdpa", *THEIRS)}
+    expected |= {("decode_uncached", i) for i in ("phi3_scratch", *THEIRS[:2])}
+    expected |= {("prefill_16", i) for i in ("phi3_scratch", "phi3_scratch-sdpa", *THEIRS[:2])}
     assert {(r["measure"], r["impl"]) for r in rows} == expected
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
@@ -33,7 +33,12 @@ def test_bench_script_prints_every_measurement(tmp_path):
         if r["measure"] == "decode_cached":  # a number, or None where the two medians left no positive step
             assert r["decode_step_ms"] is None or r["decode_step_ms"] > 0
     table = markdown.read_text()
-    assert table.count("| decode_cached |") == 5 and "torch " in table
+    assert table.count("| decode_cached |") == 8 and "torch " in table
+    compiled = {r["impl"]: r["warmup_s"] for r in rows if r["measure"] == "first_token"}
+    assert compiled["transformers-compiled"] > 0 and compiled["phi3_scratch-compiled-int8"] > 0  # warm-up reported
+    int8 = next(r for r in rows if r["impl"] == "phi3_scratch-int8" and r["measure"] == "decode_cached")
+    full = next(r for r in rows if r["impl"] == "phi3_scratch" and r["measure"] == "decode_cached")
+    assert int8["weights_bytes"] < 0.6 * full["weights_bytes"]  # int8 matrices (a quarter of fp32), fp32 embedding
 
 
 def test_parity_script_reports_both_dtypes():
