@@ -5,7 +5,8 @@
     out = p3.generate(model, input_ids, max_new_tokens=200)
 
 Read in this order: config.py, rotary.py, model.py, cache.py, generation.py, loading.py, then
-tokenizer.py and cli.py (the `phi3-scratch` command); family.py holds the six published configs.
+tokenizer.py (bpe.py for Phi-4) and cli.py (the `phi3-scratch` command); family.py holds the six
+published configs, quantize.py int8 weights, notebook.py the teaching notebook's transformers names.
 """
 
 from .cache import KVCache

@@ -59,7 +59,7 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(folder: Path, naive: bool, device: str = "cpu") -> dict:
+def measure(folder: Path, naive: bool, device: str = "cpu", quantize: str | None = None) -> dict:
     # Building a model on the meta device first imports ~70 MB of torch's Python code. That is paid
     # once per process whatever the model's size, so it is done before the measurement starts.
     with torch.device("meta"):
@@ -82,9 +82,11 @@ def measure(folder: Path, naive: bool, device: str = "cpu") -> dict:
         for file in sorted(folder.glob("*.safetensors")):
             model.load_state_dict(load_file(file), strict=False)  # then copies the loaded ones in
     else:
-        model = p3.Phi3ForCausalLM.from_pretrained(folder, device=device, dtype=None if cuda else torch.float32)
+        model = p3.Phi3ForCausalLM.from_pretrained(folder, device=device, dtype=None if cuda else torch.float32,
+                                                   quantize=quantize)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    row = {"loader": "naive" if naive else "phi3_scratch", "device": device, "weights_bytes": weights,
+    row = {"loader": "naive" if naive else "phi3_scratch", "quantize": quantize, "device": device,
+           "weights_bytes": weights,
            "checkpoint_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
     if cuda:
         torch.cuda.synchronize()
@@ -97,6 +99,9 @@ def measure(folder: Path, naive: bool, device: str = "cpu") -> dict:
     peak = _status("VmHWM") - before
     with torch.no_grad():
         model(torch.randint(0, model.config.vocab_size, (1, 8), device=device))
+        if cuda and quantize:  # the target for int8: the whole of generation, KV cache included, from nothing
+            p3.generate(model, torch.randint(0, model.config.vocab_size, (1, 32), device=device), 100, eos_token_id=[])
+            row.update(peak_gpu_generating_bytes=torch.cuda.max_memory_allocated() - gpu_before)
     if not cuda:
         peak = _status("VmHWM") - before
     return {**row, "peak_rss_growth_bytes": peak, "peak_over_weights": round(peak / weights, 3),
@@ -114,11 +119,12 @@ def main() -> None:
     ms.add_argument("folder", type=Path)
     ms.add_argument("--naive", action="store_true")
     ms.add_argument("--device", default="cpu")
+    ms.add_argument("--quantize", choices=["int8"], help="quantize while loading (quantize.py)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.folder, getattr(torch, args.dtype), args.mini_layers)
     else:
-        print(json.dumps(measure(args.folder, args.naive, args.device)))
+        print(json.dumps(measure(args.folder, args.naive, args.device, args.quantize)))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ random prompt of --seq-len tokens, TF32 off. One JSON line per dtype and path: t
 difference, the largest logit, and how often both models pick the same top-1 token over the
 positions. Path "eager" is one forward over the whole prompt; path "compiled" prefills the first
 half eagerly and then feeds the second half one token at a time through the compiled decode step
-(compile=True), comparing each step's logits with transformers' at that position. fp32 is
-expected within 1e-3; bf16 rounds differently wherever two kernels sum in a different order, so
-its figures are reported, not asserted.
+(compile=True), comparing each step's logits with transformers' at that position. Path "int8" is
+the same forward with every matrix quantized to int8 (quantize.py): its top-1 agreement with
+transformers' unquantized model, teacher-forced over the whole prompt, is the quality figure
+(the target: >= 95% at Phi-3-mini's shape). fp32 is expected within 1e-3; bf16 rounds
+differently wherever two kernels sum in a different order, so its figures are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import traceback
 
 import torch
 
-from phi3_scratch.benchmark import build
+from phi3_scratch.benchmark import build, variant
 
 import phi3_scratch as p3
 from phi3_scratch import compiled
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--paths", nargs="*", default=["eager", "compiled"])
+    parser.add_argument("--paths", nargs="*", default=["eager", "compiled", "int8"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -50,7 +52,10 @@ def main() -> None:
             b = hf(input_ids=ids).logits.float()[0]  # (T, V)
             for path in args.paths:
                 try:
-                    a, first = (ours(ids).float()[0], 0) if path == "eager" else (compiled_logits(ours, ids), args.seq_len // 2)
+                    if path == "compiled":
+                        a, first = compiled_logits(ours, ids), args.seq_len // 2
+                    else:
+                        a, first = (variant(ours, "phi3_scratch-int8") if path == "int8" else ours)(ids).float()[0], 0
                 except Exception as e:  # report it and go on: on a GPU the other rows are worth their time
                     traceback.print_exc()
                     print(json.dumps({"dtype": name, "path": path, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)

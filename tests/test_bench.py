@@ -47,7 +47,8 @@ def test_parity_script_reports_both_dtypes():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = {(r["dtype"], r["path"]): r for r in map(json.loads, done.stdout.splitlines())}
-    assert set(rows) == {(d, p) for d in ("fp32", "bf16") for p in ("eager", "compiled")}
+    assert set(rows) == {(d, p) for d in ("fp32", "bf16") for p in ("eager", "compiled", "int8")}
+    assert rows[("fp32", "int8")]["top1_agreement"] > 0.5 and rows[("fp32", "int8")]["max_abs_diff"] > 0  # reported
     for path in ("eager", "compiled"):
         fp32, bf16 = rows[("fp32", path)], rows[("bf16", path)]
         assert fp32["max_abs_diff"] < 1e-3 and fp32["top1_agreement"] == 1.0
