@@ -85,10 +85,10 @@ def meta_model(args) -> Phi3ForCausalLM:
 
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     start = time.perf_counter()
-    if args.tokenizer is None and args.model not in ("tiny",) and not Path(args.model).expanduser().is_dir():
-        Tokenizer.from_pretrained(args.model)  # the tokenizer files first: a repo without them fails in seconds
+    # The tokenizer first (for a repo id, its files only): one that cannot be read fails in seconds,
+    # before gigabytes of weights download.
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     folder = model_folder(args)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or folder)  # before the weights: fail fast
     say_memory(args, folder)
     log(f"loading {args.model} ({folder}) onto {args.device}")
 

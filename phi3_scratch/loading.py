@@ -168,7 +168,7 @@ def _open(path: Path):
         raise Phi3Error(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
+def checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
     """The dtype of the checkpoint's first floating-point tensor (an int8 checkpoint's are its scales)."""
     first = folder / files[0]
     with _open(first) as f:
@@ -195,7 +195,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     folder = resolve_checkpoint(path_or_repo_id)
     config = Phi3Config.from_pretrained(folder)
     files = weight_files(folder)
-    dtype = resolve_dtype(dtype, device, _checkpoint_dtype(folder, files))
+    dtype = resolve_dtype(dtype, device, checkpoint_dtype(folder, files))
     saved = config.quantization  # a checkpoint saved quantized holds int8 weights and their scales
     if quantize and saved and quantize != saved:
         raise Phi3Error(f"{folder}: the checkpoint is quantized as {saved}; it cannot be loaded as {quantize}")

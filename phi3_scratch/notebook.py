@@ -92,7 +92,9 @@ class Body:
         with torch.no_grad():
             return ModelOutput(last_hidden_state=self._body(input_ids, attention_mask=attention_mask))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # embed_tokens, layers, norm, ...: the body's (only called for what Body lacks)
+        if name == "_body":
+            raise AttributeError(name)  # not set yet (a copy being made): no endless lookup
         return getattr(self._body, name)
 
     def __repr__(self) -> str:
@@ -121,6 +123,8 @@ class NotebookModel:
                         attention_mask=attention_mask, temperature=1.0 if do_sample else 0.0)
 
     def __getattr__(self, name):  # lm_head, config, parameters(), ...: the plain model's
+        if name == "causal_lm":
+            raise AttributeError(name)  # not set yet (a copy being made): no endless lookup
         return getattr(self.causal_lm, name)
 
     def __repr__(self) -> str:
@@ -142,10 +146,10 @@ class AutoModelForCausalLM:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype if dtype is not None else torch_dtype
         if dtype == "auto":
-            from .loading import resolve_checkpoint, weight_files, _checkpoint_dtype
+            from .loading import checkpoint_dtype, resolve_checkpoint, weight_files
 
             folder = resolve_checkpoint(path_or_repo_id)
-            dtype = _checkpoint_dtype(folder, weight_files(folder))
+            dtype = checkpoint_dtype(folder, weight_files(folder))
         return NotebookModel(Phi3ForCausalLM.from_pretrained(path_or_repo_id, device=device, dtype=dtype))
 
 
