@@ -75,12 +75,18 @@ def meta_model(args) -> Phi3ForCausalLM:
     else:
         config = Phi3Config.from_pretrained(resolve_checkpoint(args.model, CONFIG_FILES))
     dtype = resolve_dtype(args.dtype or config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
+    if args.quantize:
+        config.quantization = "int8"
+    return on_meta(config, dtype)
+
+
+def on_meta(config: Phi3Config, dtype: torch.dtype) -> Phi3ForCausalLM:
+    """The model with shapes and dtypes but no storage (int8 matrices if config.quantization says so)."""
     with torch.device("meta"):
         model = Phi3ForCausalLM(config).to(dtype)
-        if args.quantize or config.quantization:
+        if config.quantization:
             use_int8_modules(model, dtype)
-            config.quantization = "int8"
-        return model
+    return model
 
 
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
@@ -109,11 +115,9 @@ def say_memory(args, folder) -> None:
     if torch.device(args.device).type != "cpu":
         return
     dtype = resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(Phi3Config.from_pretrained(folder)).to(dtype)
-        if args.quantize:
-            use_int8_modules(model, dtype)
-    size = weight_bytes(model)
+    config = Phi3Config.from_pretrained(folder)
+    config.quantization = args.quantize or config.quantization
+    size = weight_bytes(on_meta(config, dtype))
     if size > 2**30:
         hint = "; --dtype bf16 halves it" if dtype == torch.float32 else ""
         log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} on the CPU{hint}")

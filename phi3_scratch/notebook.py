@@ -81,30 +81,36 @@ class AutoTokenizer:
         return NotebookTokenizer.from_pretrained(path_or_repo_id)
 
 
-class Body:
-    """model.model as the notebook calls it: the output's [0] is the hidden states (B, T, H)."""
+class Wrapper:
+    """Whatever a wrapper does not define itself (attributes, print) is the wrapped module's."""
 
-    def __init__(self, body):
-        self._body = body
+    def __init__(self, wrapped):
+        self._wrapped = wrapped
+
+    def __getattr__(self, name):  # only called for what the wrapper lacks
+        if name == "_wrapped":
+            raise AttributeError(name)  # not set yet (a copy being made): no endless lookup
+        return getattr(self._wrapped, name)
+
+    def __repr__(self) -> str:
+        return repr(self._wrapped)
+
+
+class Body(Wrapper):
+    """model.model as the notebook calls it: the output's [0] is the hidden states (B, T, H)."""
 
     def __call__(self, input_ids, attention_mask=None, **kwargs) -> ModelOutput:
         refuse("model.model(...)", kwargs)
         with torch.no_grad():
-            return ModelOutput(last_hidden_state=self._body(input_ids, attention_mask=attention_mask))
-
-    def __getattr__(self, name):  # embed_tokens, layers, norm, ...: the body's (only called for what Body lacks)
-        if name == "_body":
-            raise AttributeError(name)  # not set yet (a copy being made): no endless lookup
-        return getattr(self._body, name)
-
-    def __repr__(self) -> str:
-        return repr(self._body)
+            return ModelOutput(last_hidden_state=self._wrapped(input_ids, attention_mask=attention_mask))
 
 
-class NotebookModel:
-    """A Phi3ForCausalLM with transformers' calling conventions where the notebook uses them."""
+class NotebookModel(Wrapper):
+    """A Phi3ForCausalLM with transformers' calling conventions where the notebook uses them;
+    lm_head, config, parameters(), ... are the plain model's."""
 
     def __init__(self, model: Phi3ForCausalLM):
+        super().__init__(model)
         self.causal_lm = model  # the plain model: everything below runs it
         self.model = Body(model.model)
 
@@ -121,14 +127,6 @@ class NotebookModel:
             raise Phi3Error("model.generate: input_ids is required")
         return generate(self.causal_lm, input_ids, max_new_tokens, use_cache=use_cache, eos_token_id=eos_token_id,
                         attention_mask=attention_mask, temperature=1.0 if do_sample else 0.0)
-
-    def __getattr__(self, name):  # lm_head, config, parameters(), ...: the plain model's
-        if name == "causal_lm":
-            raise AttributeError(name)  # not set yet (a copy being made): no endless lookup
-        return getattr(self.causal_lm, name)
-
-    def __repr__(self) -> str:
-        return repr(self.causal_lm)
 
 
 class AutoModelForCausalLM:
@@ -148,8 +146,8 @@ class AutoModelForCausalLM:
         if dtype == "auto":
             from .loading import checkpoint_dtype, resolve_checkpoint, weight_files
 
-            folder = resolve_checkpoint(path_or_repo_id)
-            dtype = checkpoint_dtype(folder, weight_files(folder))
+            path_or_repo_id = resolve_checkpoint(path_or_repo_id)  # found (or downloaded) once, loaded below
+            dtype = checkpoint_dtype(path_or_repo_id, weight_files(path_or_repo_id))
         return NotebookModel(Phi3ForCausalLM.from_pretrained(path_or_repo_id, device=device, dtype=dtype))
 
 

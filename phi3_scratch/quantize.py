@@ -69,14 +69,19 @@ def check_method(quantize) -> None:
         raise Phi3Error(f"quantize must be None or one of {list(METHODS)}, got {quantize!r}")
 
 
+def swap_in_int8(model, name: str, dtype: torch.dtype) -> tuple[nn.Module, Int8Linear]:
+    """Replace the module `name` by an empty Int8Linear of its shape, on its device; (old, new)."""
+    parent, _, attr = name.rpartition(".")
+    old = model.get_submodule(name)
+    new = Int8Linear(old.in_features, old.out_features, dtype=dtype, device=old.weight.device)
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return old, new
+
+
 def use_int8_modules(model, dtype: torch.dtype) -> None:
     """Swap each quantized nn.Linear for an empty Int8Linear of its shape, on the same device (meta included)."""
     for name in quantized_names(model):
-        parent, _, attr = name.rpartition(".")
-        old = model.get_submodule(name)
-        device = old.weight.device
-        new = Int8Linear(old.in_features, old.out_features, dtype=dtype, device=device)
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        swap_in_int8(model, name, dtype)
 
 
 @torch.no_grad()
@@ -84,13 +89,9 @@ def quantize_model(model, method: str = "int8"):
     """Quantize a loaded model in place (each matrix replaced as it is done); returns the model."""
     check_method(method)
     for name in quantized_names(model):
-        parent, _, attr = name.rpartition(".")
-        old = model.get_submodule(name)
-        if isinstance(old, Int8Linear):
-            continue
-        new = Int8Linear(old.in_features, old.out_features, dtype=old.weight.dtype, device=old.weight.device)
-        new.weight.data, new.scale.data = quantize_int8(old.weight)
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        if not isinstance(model.get_submodule(name), Int8Linear):
+            old, new = swap_in_int8(model, name, model.get_submodule(name).weight.dtype)
+            new.weight.data, new.scale.data = quantize_int8(old.weight)
     model.config.quantization = method
     return model
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import Phi3Error
-from .generation import next_logits
+from .generation import last_logits, next_logits
 from .model import Phi3ForCausalLM, check_input_ids
 
 
@@ -67,8 +67,7 @@ class Stepper:
         max_len = min(len(self.ids) + max_new_tokens, model.config.max_position_embeddings)
         self.cache = model.new_cache(1, max_len=max_len)  # sized for the prompt + max_new_tokens
         with torch.no_grad():
-            logits = model(ids, self.cache, logits_to_keep=1, check=False)[0, -1]  # (V,): checked above
-            self._record = self._make_record(logits, None)
+            self._record = self._make_record(last_logits(model, ids, self.cache, None)[0], None)  # checked above
 
     def record(self) -> StepRecord:
         """The current step: candidates for the next token."""
