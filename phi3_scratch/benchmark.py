@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 import phi3_scratch as p3
-from phi3_scratch import family
+from phi3_scratch import compiled, family, generation
 from phi3_scratch.loading import set_parameter
 
 # phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
@@ -336,7 +336,8 @@ def decode_figures(median: float, first: float | None, tokens: int, step_bytes: 
 
 
 def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device) -> None:
-    """The operations that take the time of 10 cached decode steps, eager then compiled."""
+    """The operations that take the time of 10 cached decode steps, eager then compiled; then where a
+    compiled step's time goes (step_anatomy)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -357,7 +358,62 @@ def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device)
         table = events.table(sort_by=sort, row_limit=15, max_name_column_width=60)
         sections.append(f"## {'compiled' if compile else 'eager'}: prefill of {prompt.shape[1]} + 10 decode steps, "
                         f"{summary}\n\n{table}")
+    sections.append(step_anatomy(model, prompt, device))
     path.write_text("\n\n".join(sections))
+
+
+@torch.inference_mode()  # the model's static cache was made in inference mode, by generate
+def step_anatomy(model, prompt: torch.Tensor, device: torch.device, steps: int = 20) -> str:
+    """Where a compiled decode step's time goes: the generate loop around it, the step alone, its kernels.
+
+    - a step of generate: (generate of steps + 1 tokens - generate of 1 token) / steps
+    - the step alone: the compiled step replayed `steps` times back to back on one token, without
+      the loop's argmax, stop check and sequence bookkeeping
+    - on a GPU, from the profiler's kernel timestamps over the replays: the kernels' own time, the
+      idle time between them, and the longest idle gaps with the kernels on either side.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run = lambda n: (lambda: p3.generate(model, prompt, n, eos_token_id=[], compile=True))
+    loop = (timed(run(steps + 1), device) - timed(run(1), device)) / steps
+    cache = compiled.static_cache(model, prompt.shape[0], prompt.shape[1] + 2 * steps + 1)
+    generation.last_logits(model, prompt, cache, None)  # prefill
+    decoder = compiled.CompiledDecoder(model, cache, None)
+    token = prompt[:, -1:]
+    decoder(token)  # warm
+    alone = timed(lambda: [decoder(token) for _ in range(steps)], device) / steps
+    lines = [f"## compiled decode step, {steps} steps: where the time goes", "",
+             f"- a step of generate (the loop around the step included): {1000 * loop:.3f} ms",
+             f"- the compiled step alone, replayed back to back: {1000 * alone:.3f} ms"]
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                decoder(token)
+            sync(device)
+        lines += kernel_timeline([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                                  if e.device_type == DeviceType.CUDA], steps)
+    return "\n".join(lines)
+
+
+def kernel_timeline(kernels: list[tuple[float, float, str]], steps: int) -> list[str]:
+    """Lines on the kernels of `steps` decode steps, each (start us, end us, name): their time, the
+    time the device ran none of them, and the longest such gaps with the kernels on either side."""
+    kernels = sorted(kernels)
+    if not kernels:
+        return ["- kernels: the profiler recorded none"]
+    gaps, busy, end, last = [], 0.0, kernels[0][0], kernels[0][2]
+    for start, stop, name in kernels:
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))  # overlapping kernels count once
+        if stop > end:
+            end, last = stop, name
+    idle = sum(gap for gap, _, _ in gaps)
+    lines = [f"- kernels: {len(kernels) / steps:.0f} a step, running {busy / steps / 1000:.3f} ms a step, "
+             f"none running {idle / steps / 1000:.3f} ms a step (profiled; from the first kernel to the last)",
+             "", "The longest gaps with no kernel running (us; the kernel before -> the kernel after):", ""]
+    return lines + [f"    {gap:8.1f}  {before[:70]}  ->  {after[:70]}" for gap, before, after in sorted(gaps)[::-1][:15]]
 
 
 def write_markdown(path: Path, rows: list[dict]) -> None:

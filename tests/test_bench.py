@@ -88,3 +88,18 @@ def test_bandwidth_columns_and_profile_on_the_cpu(monkeypatch, capsys, tmp_path)
     profile = (tmp_path / "profile.txt").read_text()
     assert "## eager: prefill of 4 + 10 decode steps" in profile and "## compiled:" in profile
     assert "aten::mm" in profile  # the eager table names the matrix products
+    assert "- a step of generate (the loop around the step included): " in profile
+    assert "- the compiled step alone, replayed back to back: " in profile
+
+
+def test_kernel_timeline_finds_the_gaps_between_kernels():
+    """The GPU timeline of the profile, from made-up kernel times (us): overlaps count once."""
+    from phi3_scratch.benchmark import kernel_timeline
+
+    kernels = [(50, 60, "down_proj"), (0, 10, "qkv"), (12, 20, "attention"), (15, 18, "softmax")]
+    lines = kernel_timeline(kernels, steps=2)
+    # running: 0-10, 12-20, 50-60 = 28 us; idle: 10-12 and 20-50 = 32 us; per step, in ms
+    assert lines[0] == "- kernels: 2 a step, running 0.014 ms a step, none running 0.016 ms a step " \
+                       "(profiled; from the first kernel to the last)"
+    assert lines[4:] == ["        30.0  attention  ->  down_proj", "         2.0  qkv  ->  attention"]
+    assert kernel_timeline([], steps=1) == ["- kernels: the profiler recorded none"]
