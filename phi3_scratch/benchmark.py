@@ -15,9 +15,13 @@ implementations on every run:
     decode_uncached   the same without a KV cache
     prefill_T         one forward pass over T tokens, for each T of --prefill
 
-Implementations: transformers with eager and sdpa attention; phi3_scratch eager (every job),
-phi3_scratch-sdpa (its fused-attention kernel: prefill and cached decode) and
-phi3_scratch-compiled (compile=True: cached decode). Run 0 of each is a warm-up (kernel choice, compilation) and is reported apart.
+Implementations: transformers with eager and sdpa attention, and transformers-compiled (its static
+cache and a torch.compile'd forward: cached decode); phi3_scratch eager (every job),
+phi3_scratch-sdpa (its fused-attention kernel: prefill and cached decode), phi3_scratch-compiled
+(compile=True: cached decode), and the same two with int8 weights (-int8, -compiled-int8); on
+request -compiled-sdpa and -bf16 (bf16 weights). Run 0 of each is a warm-up (kernel choice,
+compilation) and is reported apart. Stopped by SIGTERM (a `timeout`), the benchmark reports the
+runs it has finished and skips the profile.
 
 Each measurement prints one JSON line: the median of --runs runs, every run, the ratio to
 transformers' eager implementation, peak memory, and on a GPU the achieved weight-reading
@@ -32,7 +36,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -255,32 +261,43 @@ def main(argv: list[str] | None = None) -> None:
 
     times = {(job, name): [] for job in jobs for name in impls if runs(job[0], name)}
     warmup, peaks, failed = {}, {}, {}
-    with torch.no_grad():
-        for run in range(args.runs + 1):  # run 0 warms up (kernels, allocator, compilation) and is not counted
-            for job, make in jobs.items():
-                for name, model in impls.items():
-                    if not runs(job[0], name) or (job, name) in failed:
-                        continue
-                    if name.startswith("transformers-"):
-                        kernel = name.removeprefix("transformers-")
-                        model.config._attn_implementation = "sdpa" if kernel == "compiled" else kernel
-                    else:
-                        model.set_attention("sdpa" if name.endswith("-sdpa") else "eager")
-                    fn = make(name, model)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    try:
-                        seconds = timed(fn, device)
-                    except Exception as e:  # one failing variant must not cost the others their (GPU) time
-                        failed[(job, name)] = f"{type(e).__name__}: {e}"[:500]
-                        traceback.print_exc()
-                        continue
-                    if run:
-                        times[(job, name)].append(seconds)
-                        peaks[(job, name)] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-                    else:
-                        warmup[(job, name)] = seconds
-        ours.set_attention("eager")
+    def measure(run: int, job, make, name: str, model) -> None:
+        """Time one call of one variant's job; run 0 is the warm-up (kernels, allocator, compilation)."""
+        if name.startswith("transformers-"):
+            kernel = name.removeprefix("transformers-")
+            model.config._attn_implementation = "sdpa" if kernel == "compiled" else kernel
+        else:
+            model.set_attention("sdpa" if name.endswith("-sdpa") else "eager")
+        fn = make(name, model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds = timed(fn, device)
+        except Exception as e:  # one failing variant must not cost the others their (GPU) time
+            failed[(job, name)] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+            return
+        if run:
+            times[(job, name)].append(seconds)
+            peaks[(job, name)] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        else:
+            warmup[(job, name)] = seconds
+
+    stopped = False
+    previous = signal.signal(signal.SIGTERM, time_is_up)  # `timeout` stops a long GPU run: report what it measured
+    try:
+        with torch.no_grad():
+            for run in range(args.runs + 1):  # alternating: every variant once per run
+                for job, make in jobs.items():
+                    for name, model in impls.items():
+                        if runs(job[0], name) and (job, name) not in failed:
+                            measure(run, job, make, name, model)
+    except TimeIsUp:
+        stopped = True
+        print("bench: stopped by SIGTERM; reporting the runs finished", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ours.set_attention("eager")
     for (job, name), error in failed.items():
         print(json.dumps({"measure": job[0], "impl": name, "error": error}), flush=True)
 
@@ -309,8 +326,16 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     if args.markdown:
         write_markdown(args.markdown, rows)
-    if args.profile:
+    if args.profile and not stopped:
         write_profile(args.profile, ours, prompt, device)
+
+
+class TimeIsUp(BaseException):
+    """SIGTERM arrived while measuring (not an Exception: a failing variant's handler must not catch it)."""
+
+
+def time_is_up(signum, frame):
+    raise TimeIsUp
 
 
 def decode_figures(median: float, first: float | None, tokens: int, step_bytes: int,

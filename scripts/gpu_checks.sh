@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of the speed issues for the device tool, in stages, most important first:
-#   bench        the benchmark at Phi-3-mini's shape, bf16: eager, sdpa, compiled, int8 and compiled
-#                int8 vs transformers' eager, sdpa and compiled (static cache + torch.compile); the
-#                profile, ending with where a compiled step's time goes (the loop, the step alone,
-#                its kernels and the idle gaps between them)                            ~5-6 min
+#   bench        the benchmark at Phi-3-mini's shape, bf16: eager, sdpa, compiled, compiled with
+#                torch's fused attention, int8 and compiled int8 vs transformers' eager, sdpa and
+#                compiled (static cache + torch.compile); the profile, ending with where a compiled
+#                step's time goes (the loop, the step alone, its kernels and the idle gaps between
+#                them). Stopped by its timeout, it still reports the runs it finished.  ~6-7 min
 #   load_memory  peak GPU memory and host memory while loading a bf16 checkpoint onto the GPU
 #   int8_memory  the whole Phi-3-mini loaded as int8, generating 100 tokens (target: <= 4.3 GB)
 #   parity       full-size parity, bf16 then fp32: eager, compiled, int8 and the bf16-weights yardstick
 #                                                          the last three together: ~3 min
-# With no argument it runs them all (about 8-9 minutes: more than one 10-minute device call can
-# safely hold with its start). Name stages to run only those, e.g. two calls:
+# With no argument it runs them all (about 10 minutes: more than one 10-minute device call can
+# hold). Name stages to run only those, e.g. two calls (timeout_s 560, then 300):
 #   bash scripts/gpu_checks.sh bench
 #   bash scripts/gpu_checks.sh load_memory int8_memory parity
 # Under $OUT (the device tool brings back at most 8 files): bench.jsonl, BENCHMARKS.md, profile.txt,
@@ -34,8 +35,9 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 if wanted bench; then
   stamp bench
   cp docs/BENCHMARKS.md "$OUT/BENCHMARKS.md" 2>/dev/null  # keeps the CPU sections; this card's is added
-  timeout 450 $PY scripts/bench.py --config "$CONFIG" --runs 3 --markdown "$OUT/BENCHMARKS.md" \
-    --profile "$OUT/profile.txt" > "$OUT/bench.jsonl" 2>> "$LOG" || stamp "bench failed: exit $?"
+  timeout "${BENCH_TIMEOUT:-500}" $PY scripts/bench.py --config "$CONFIG" --runs 3 --markdown "$OUT/BENCHMARKS.md" \
+    --ours phi3_scratch phi3_scratch-sdpa phi3_scratch-compiled phi3_scratch-compiled-sdpa phi3_scratch-int8 \
+    phi3_scratch-compiled-int8 --profile "$OUT/profile.txt" > "$OUT/bench.jsonl" 2>> "$LOG" || stamp "bench failed: exit $?"
 fi
 if wanted load_memory; then
   stamp load_memory

@@ -4,6 +4,7 @@ No timing is asserted here: speed is measured by running the script, not by a un
 """
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,31 @@ def test_kernel_timeline_finds_the_gaps_between_kernels():
                        "(profiled; from the first kernel to the last)"
     assert lines[4:] == ["        30.0  attention  ->  down_proj", "         2.0  qkv  ->  attention"]
     assert kernel_timeline([], steps=1) == ["- kernels: the profiler recorded none"]
+
+
+def test_a_benchmark_stopped_by_sigterm_reports_the_runs_it_finished(monkeypatch, capsys, tmp_path):
+    """`timeout` on a GPU run: SIGTERM (here raised by the 10th timed call) ends the measuring, the
+    finished runs are reported, and the profile is skipped."""
+    from phi3_scratch import benchmark
+
+    calls = []
+
+    def timed(fn, device):
+        calls.append(fn)
+        if len(calls) == 10:
+            benchmark.time_is_up(signal.SIGTERM, None)
+        return 0.01 * len(calls)  # made up: no clock is read
+
+    monkeypatch.setattr(benchmark, "timed", timed)
+    benchmark.main(["--config", "micro", "--runs", "5", "--new-tokens", "2", "--prompt-len", "4", "--prefill",
+                    "--transformers", "eager", "--ours", "phi3_scratch", "--profile", str(tmp_path / "profile.txt")])
+    captured = capsys.readouterr()
+    rows = {(r["measure"], r["impl"]): r for r in map(json.loads, captured.out.splitlines())}
+    # 3 jobs x 2 implementations a run: run 0 (the warm-up) is calls 1-6; run 1 finished 3 before the 10th
+    assert set(rows) == {("first_token", "phi3_scratch"), ("first_token", "transformers-eager"),
+                         ("decode_cached", "phi3_scratch")}
+    assert rows[("first_token", "phi3_scratch")]["runs_s"] == [0.07]
+    assert rows[("first_token", "phi3_scratch")]["warmup_s"] == 0.01
+    assert rows[("decode_cached", "phi3_scratch")]["runs_s"] == [0.09]
+    assert "stopped by SIGTERM" in captured.err
+    assert not (tmp_path / "profile.txt").exists()
