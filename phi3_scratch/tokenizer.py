@@ -30,7 +30,6 @@ the same way, and decoding is bytes -> UTF-8, with no leading space to drop.
 from __future__ import annotations
 
 import codecs
-import json
 import operator
 import re
 from dataclasses import dataclass

@@ -16,8 +16,12 @@ What it does, and why:
    each closed by <|endoftext|>.
 4. Writes the checkpoint in the official on-disk format (config.json with rope_theta and
    rope_scaling, generation_config.json, model.safetensors, tokenizer.model,
-   tokenizer_config.json) and training.json (the recipe, the losses), then prints the sha256 of
-   every file it wrote.
+   tokenizer_config.json, and tokenizer.json: the same tokenizer in the layout of Phi-3's published
+   tokenizer.json, which transformers' AutoTokenizer reads) and training.json (the recipe, the
+   losses), then prints the sha256 of every file it wrote.
+
+`--tokenizer-json` only writes tokenizer.json again from the folder's tokenizer.model and
+tokenizer_config.json (needs the `tokenizers` package, in the test extra), without training.
 
 Training runs on the CPU in float32 with fixed seeds; its bytes can still differ between
 machines (thread counts and CPU kernels round differently), which is why the model is committed
@@ -97,6 +101,53 @@ def tokenizer_config(added: dict[str, int]) -> dict:
     return {"add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
             "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
             "chat_template": CHAT_TEMPLATE_PHI3, "clean_up_tokenization_spaces": False, "legacy": False}
+
+
+def tokenizer_json(folder: Path):
+    """A tokenizers.Tokenizer in the layout of Phi-3's published tokenizer.json, from folder's
+    tokenizer.model and the added tokens of its tokenizer_config.json.
+
+    The layout: a BPE model over the sentencepiece pieces with byte fallback; merges ranked by the
+    id of the piece they make (sentencepiece's scores rank pieces by id); the normalizer prepends
+    "▁" and turns spaces into it; the decoder undoes that, joins byte pieces and strips the
+    leading space. On Phi-3's real tokenizer.model this gives the published file's ids (a test
+    checks it where the real files are).
+    """
+    import sentencepiece as spm
+    import tokenizers
+    from tokenizers import decoders, normalizers
+
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []  # every way to make a piece from two shorter ones, ranked by the piece's id
+    for piece, i in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(merges)]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True,
+                                                     byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for _, entry in sorted(config["added_tokens_decoder"].items(), key=lambda item: int(item[0])):
+        token = tokenizers.AddedToken(entry["content"], lstrip=entry.get("lstrip", False),
+                                      rstrip=entry.get("rstrip", False), normalized=False,
+                                      special=entry.get("special", True))
+        (tok.add_special_tokens if entry.get("special", True) else tok.add_tokens)([token])
+    return tok
+
+
+def write_tokenizer_json(folder: Path) -> None:
+    tokenizer_json(folder).save(str(folder / "tokenizer.json"))
+
+
+def print_hashes(paths: list[Path]) -> None:
+    for path in sorted(paths):
+        data = path.read_bytes()
+        print(f"{hashlib.sha256(data).hexdigest()}  {len(data):>9,} B  {path}")
 
 
 def fit(model: Phi3ForCausalLM, data: torch.Tensor, train: dict) -> dict:
@@ -179,9 +230,8 @@ def build(out: Path, corpus: Path, train: dict) -> None:
     for name, content in files.items():
         (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    for name in sorted([*files, "model.safetensors"]):
-        data = (out / name).read_bytes()
-        print(f"{hashlib.sha256(data).hexdigest()}  {len(data):>9,} B  {out / name}")
+    write_tokenizer_json(out)
+    print_hashes([out / name for name in [*files, "model.safetensors", "tokenizer.json"]])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,8 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUT, help=f"where to write the checkpoint (default {OUT})")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--steps", type=int, default=TRAIN["steps"])
+    parser.add_argument("--tokenizer-json", action="store_true",
+                        help="only write --out's tokenizer.json again, from its tokenizer.model (no training)")
     args = parser.parse_args(argv)
-    build(args.out, args.corpus, {**TRAIN, "steps": args.steps})
+    if args.tokenizer_json:
+        write_tokenizer_json(args.out)
+        print_hashes([args.out / "tokenizer.json"])
+    else:
+        build(args.out, args.corpus, {**TRAIN, "steps": args.steps})
 
 
 if __name__ == "__main__":

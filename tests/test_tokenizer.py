@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ from phi3_scratch.loading import TINY
 from phi3_scratch.tokenizer import CHAT_TEMPLATE_PHI3, Tokenizer
 
 from .conftest import FIXTURES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REPO = "microsoft/Phi-3-mini-4k-instruct"
 
@@ -52,31 +55,15 @@ needs_real_tokenizer = pytest.mark.skipif(
 
 
 def reference_tokenizer(folder: Path):
-    """A tokenizers.Tokenizer in the published Phi-3 tokenizer.json layout, from folder's sentencepiece model."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, normalizers
-
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    merges = []  # every way to make a piece from two shorter ones, ranked by the piece's id
-    for piece, i in vocab.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                merges.append((i, vocab[left], vocab[right], left, right))
-    merges = [(left, right) for *_, left, right in sorted(merges)]
-    reference = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True,
-                                                           byte_fallback=True))
-    reference.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    reference.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    for _, entry in sorted(config["added_tokens_decoder"].items(), key=lambda item: int(item[0])):
-        token = tokenizers.AddedToken(entry["content"], lstrip=entry.get("lstrip", False),
-                                      rstrip=entry.get("rstrip", False), normalized=False,
-                                      special=entry.get("special", True))
-        (reference.add_special_tokens if entry.get("special", True) else reference.add_tokens)([token])
-    return reference
+    """A tokenizers.Tokenizer in the published Phi-3 tokenizer.json layout, from folder's sentencepiece model
+    (scripts/train_tiny.py builds it, and ships it with the tiny model)."""
+    pytest.importorskip("tokenizers")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from train_tiny import tokenizer_json
+    finally:
+        sys.path.pop(0)
+    return tokenizer_json(folder)
 
 
 CORPUS = [
