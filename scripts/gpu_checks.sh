@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # Every GPU check of the speed issues for the device tool, in stages, most important first:
-#   bench        the benchmark at Phi-3-mini's shape, bf16: eager, sdpa, compiled, compiled with
-#                torch's fused attention, int8 and compiled int8 vs transformers' eager, sdpa and
-#                compiled (static cache + torch.compile); the profile, ending with where a compiled
-#                step's time goes (the loop, the step alone, its kernels and the idle gaps between
-#                them). Stopped by its timeout, it still reports the runs it finished.  ~6-7 min
-#   load_memory  peak GPU memory and host memory while loading a bf16 checkpoint onto the GPU
+#   bench        the benchmark at Phi-3-mini's shape, bf16: eager, sdpa, compiled, int8 and compiled
+#                int8 vs transformers' eager, sdpa and compiled (static cache + torch.compile); the
+#                profile, ending with where a compiled step's time goes (the loop, the step alone,
+#                its kernels and the idle gaps between them). Stopped by its timeout, it still
+#                reports the runs it finished (but no profile).           ~6-7 min (4 compilations)
 #   int8_memory  the whole Phi-3-mini loaded as int8, generating 100 tokens (target: <= 4.3 GB)
+#   load_memory  peak GPU memory and host memory while loading a bf16 checkpoint onto the GPU
 #   parity       full-size parity, bf16 then fp32: eager, compiled, int8 and the bf16-weights yardstick
-#                                                          the last three together: ~3 min
-# With no argument it runs them all (about 10 minutes: more than one 10-minute device call can
-# hold). Name stages to run only those, e.g. two calls (timeout_s 560, then 300):
+#                                                          these three together: ~4-5 min
+#   attention    the compiled step with torch's fused attention against the written-out one
+#                (a lead for the compiled step's speed)                   ~2-3 min
+# With no argument it runs them all, more than one 10-minute device call holds. With 15 device
+# minutes a session, two calls (timeout_s 560, then 360):
 #   bash scripts/gpu_checks.sh bench
-#   bash scripts/gpu_checks.sh load_memory int8_memory parity
+#   bash scripts/gpu_checks.sh int8_memory load_memory parity
+# and `bash scripts/gpu_checks.sh attention` if time is left.
 # Under $OUT (the device tool brings back at most 8 files): bench.jsonl, BENCHMARKS.md, profile.txt,
-# load_memory.jsonl, parity.jsonl, and log.txt (card, versions, timeline, stderr).
+# load_memory.jsonl, parity.jsonl, attention.jsonl, and log.txt (card, versions, timeline, stderr).
 # Try it on the CPU first: PYTHON=.venv/bin/python CONFIG=micro MINI_LAYERS=1 INT8_LAYERS=1 DEVICE=cpu OUT=/tmp/out bash scripts/gpu_checks.sh
 set -uo pipefail  # no -e: one failing step must not cost the others their (scarce) GPU time
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-phi3-mini}  # Phi-3-mini-4k-instruct's shape, built into phi3_scratch/benchmark.py
 MINI_LAYERS=${MINI_LAYERS:-8}  # the loading check's checkpoint: Phi-3-mini's widths, this many layers
 OUT=${OUT:-/tmp/gpu-checks}
-STAGES=${*:-bench load_memory int8_memory parity}
+STAGES=${*:-bench int8_memory load_memory parity attention}
 LOG="$OUT/log.txt"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -36,16 +39,7 @@ if wanted bench; then
   stamp bench
   cp docs/BENCHMARKS.md "$OUT/BENCHMARKS.md" 2>/dev/null  # keeps the CPU sections; this card's is added
   timeout "${BENCH_TIMEOUT:-500}" $PY scripts/bench.py --config "$CONFIG" --runs 3 --markdown "$OUT/BENCHMARKS.md" \
-    --ours phi3_scratch phi3_scratch-sdpa phi3_scratch-compiled phi3_scratch-compiled-sdpa phi3_scratch-int8 \
-    phi3_scratch-compiled-int8 --profile "$OUT/profile.txt" > "$OUT/bench.jsonl" 2>> "$LOG" || stamp "bench failed: exit $?"
-fi
-if wanted load_memory; then
-  stamp load_memory
-  CKPT=$(mktemp -d)
-  timeout 60 $PY scripts/load_memory.py make "$CKPT" --mini-layers "$MINI_LAYERS" --dtype bfloat16 2>> "$LOG" \
-    && timeout 30 $PY scripts/load_memory.py measure "$CKPT" --device "${DEVICE:-cuda}" >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
-    || stamp "load_memory failed: exit $?"
-  rm -rf "$CKPT"
+    --profile "$OUT/profile.txt" > "$OUT/bench.jsonl" 2>> "$LOG" || stamp "bench failed: exit $?"
 fi
 if wanted int8_memory; then
   stamp int8_memory
@@ -55,9 +49,23 @@ if wanted int8_memory; then
     || stamp "int8_memory failed: exit $?"
   rm -rf "$CKPT"
 fi
+if wanted load_memory; then
+  stamp load_memory
+  CKPT=$(mktemp -d)
+  timeout 60 $PY scripts/load_memory.py make "$CKPT" --mini-layers "$MINI_LAYERS" --dtype bfloat16 2>> "$LOG" \
+    && timeout 30 $PY scripts/load_memory.py measure "$CKPT" --device "${DEVICE:-cuda}" >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
+    || stamp "load_memory failed: exit $?"
+  rm -rf "$CKPT"
+fi
 if wanted parity; then
   stamp parity
   timeout 200 $PY scripts/parity.py --config "$CONFIG" --seq-len 256 --dtypes bf16 fp32 \
     --paths eager compiled int8 bf16-weights >> "$OUT/parity.jsonl" 2>> "$LOG" || stamp "parity failed: exit $?"
+fi
+if wanted attention; then
+  stamp attention
+  timeout 240 $PY scripts/bench.py --config "$CONFIG" --runs 3 --prefill --transformers eager \
+    --ours phi3_scratch-compiled phi3_scratch-compiled-sdpa > "$OUT/attention.jsonl" 2>> "$LOG" \
+    || stamp "attention failed: exit $?"
 fi
 stamp done
