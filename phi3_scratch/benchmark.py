@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                                           bandwidth))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.markdown:
+    if args.markdown and rows:  # none when every variant failed, or the time was up in the warm-up
         write_markdown(args.markdown, rows)
     if args.profile and not stopped:
         write_profile(args.profile, ours, prompt, device)
@@ -377,8 +377,10 @@ def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device)
             run()
             sync(device)
         events = prof.key_averages()
-        # Kernels are the events on the device; ranges such as a CUDA graph's replay repeat their time.
-        busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+        # Kernels are the events on the device; ranges such as a compiled region (user annotations on
+        # the device) repeat their time, as torch's own table knows.
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
         summary = f"wall time {1000 * wall:.1f} ms" + (f", GPU kernels {1000 * busy:.1f} ms" if busy else "")
         table = events.table(sort_by=sort, row_limit=15, max_name_column_width=60)
         sections.append(f"## {'compiled' if compile else 'eager'}: prefill of {prompt.shape[1]} + 10 decode steps, "
@@ -404,9 +406,10 @@ def step_anatomy(model, prompt: torch.Tensor, device: torch.device, steps: int =
     fastest = lambda fn: min(timed(fn, device) for _ in range(3))
     run = lambda n: (lambda: p3.generate(model, prompt, n, eos_token_id=[], compile=True))
     loop = (fastest(run(steps + 1)) - fastest(run(1))) / steps
+    # slots: the prompt, 1 warm-up step, 3 timed tries and 1 profiled run of `steps` steps each
     cache = compiled.static_cache(model, prompt.shape[0], prompt.shape[1] + 4 * steps + 1)
+    decoder = compiled.CompiledDecoder(model, cache, None)  # first, as in generate: it sets the padding mask
     generation.last_logits(model, prompt, cache, None)  # prefill
-    decoder = compiled.CompiledDecoder(model, cache, None)
     token = prompt[:, -1:]
     decoder(token)  # warm
     alone = fastest(lambda: [decoder(token) for _ in range(steps)]) / steps
@@ -419,7 +422,7 @@ def step_anatomy(model, prompt: torch.Tensor, device: torch.device, steps: int =
                 decoder(token)
             sync(device)
         lines += kernel_timeline([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                                  if e.device_type == DeviceType.CUDA], steps)
+                                  if e.device_type == DeviceType.CUDA and not e.is_user_annotation], steps)
     return "\n".join(lines)
 
 

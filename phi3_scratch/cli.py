@@ -91,9 +91,18 @@ def on_meta(config: Phi3Config, dtype: torch.dtype) -> Phi3ForCausalLM:
 
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     start = time.perf_counter()
+    local = Path(args.model).expanduser()
+    if local.is_dir():  # a folder that is no checkpoint says so, before its tokenizer is looked for
+        Phi3Config.from_pretrained(local)
     # The tokenizer first (for a repo id, its files only): one that cannot be read fails in seconds,
     # before gigabytes of weights download.
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    try:
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    except Phi3Error as e:
+        if args.tokenizer or not local.is_dir():
+            raise
+        raise Phi3Error(f"{e}. A checkpoint saved without its tokenizer (save_pretrained writes none) "
+                        f"can take one from elsewhere: --tokenizer DIR (or a repo id, or 'tiny')") from None
     folder = model_folder(args)
     say_memory(args, folder)
     log(f"loading {args.model} ({folder}) onto {args.device}")
@@ -413,6 +422,12 @@ def cmd_attention(args) -> None:
     if args.layer != "all" and not args.layer.isdigit():
         raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")
     layer = "all" if args.layer == "all" else int(args.layer)
+    config = meta_model(args).config  # the config alone: --layer and --head are checked before the weights load
+    if layer != "all" and layer >= config.num_hidden_layers:
+        raise Phi3Error(f"--layer {layer}: the model has {config.num_hidden_layers} layers, 0..{config.num_hidden_layers - 1}")
+    if args.head is not None and not 0 <= args.head < config.num_attention_heads:
+        raise Phi3Error(f"--head {args.head}: the model has {config.num_attention_heads} heads a layer, "
+                        f"0..{config.num_attention_heads - 1}")
     model, tokenizer = load(args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
     with torch.no_grad(), trace(model, only={"attn_probs"}) as t:
@@ -435,6 +450,9 @@ def cmd_compare(args) -> None:
     log(f"loading transformers' Phi3ForCausalLM (eager attention) from the same folder, {weight.dtype}")
     hf = transformers.Phi3ForCausalLM.from_pretrained(model_folder(args), dtype=weight.dtype,
                                                       attn_implementation="eager").to(weight.device).eval()
+    if model.config.quantization:
+        log(f"note: this model's matrices are {model.config.quantization} and transformers' are not: "
+            "the differences below include the quantization's")
     ids = encode_prompt(tokenizer, args.prompt, args.chat, weight.device)
     tolerance = default_tolerance(weight.dtype) if args.tolerance is None else args.tolerance
     print(f"{ids.shape[1]} tokens, {weight.dtype} on {weight.device}")
@@ -449,7 +467,13 @@ def check_device(device: str) -> None:
     if device.startswith("mps") and not torch.backends.mps.is_available():
         raise Phi3Error(f"--device {device}: this machine has no Apple GPU that torch can use "
                         f"(torch {torch.__version__}); use --device cpu")
-    resolve_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Phi3Error(f"--device {device}: this machine has no CUDA GPU that torch can use "
+                        f"(torch {torch.__version__}); use --device cpu")
+    try:
+        resolve_device(device)
+    except Phi3Error:
+        raise Phi3Error(f"--device {device}: not a device this model runs on; expected cpu, cuda, cuda:N or mps") from None
 
 
 def version() -> str:
@@ -549,16 +573,25 @@ def main(argv: list[str] | None = None) -> int:
         if "prompt" in args and args.prompt is not None and not args.prompt.strip():
             raise Phi3Error("PROMPT is empty: give some text to continue")
         if "temperature" in args:
+            try:
+                check_sampling(args.temperature, args.top_k, args.top_p)
+            except Phi3Error as e:  # "top_p must be ..." -> "--top-p must be ..."
+                raise Phi3Error("--" + str(e).replace("_", "-", 1).replace(" or None", "")) from None
             sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
                         if value is not None]
             if sampling and args.temperature == 0:
-                log(f"note: {', '.join(sampling)} choose among sampled tokens, and --temperature is 0 (greedy): "
+                log(f"note: {', '.join(sampling)} only matter when sampling, and --temperature is 0 (greedy): "
                     "sampling with --temperature 1.0")
                 args.temperature = 1.0
-            check_sampling(args.temperature, args.top_k, args.top_p)
+        if getattr(args, "tolerance", None) is not None and not 0 < args.tolerance < float("inf"):
+            raise Phi3Error(f"--tolerance must be a positive number, got {args.tolerance}")
         check_device(args.device)
         if args.dtype is not None:
-            resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
+            try:
+                resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
+            except Phi3Error:
+                raise Phi3Error(f"--dtype {args.dtype}: not a dtype this model runs in; expected bf16, fp16 or fp32 "
+                                "(or bfloat16, float16, float32, half)") from None
         if getattr(args, "compile", False) and getattr(args, "no_cache", False):
             raise Phi3Error("--compile compiles the cached decode step; it cannot be combined with --no-cache")
         COMMANDS[args.command](args)

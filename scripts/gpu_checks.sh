@@ -7,15 +7,16 @@
 #                reports the runs it finished (but no profile).           ~6-7 min (4 compilations)
 #   int8_memory  the whole Phi-3-mini loaded as int8, generating 100 tokens (target: <= 4.3 GB)
 #   load_memory  peak GPU memory and host memory while loading a bf16 checkpoint onto the GPU
-#   parity       full-size parity, bf16 then fp32: eager, compiled, int8 and the bf16-weights yardstick
-#                                                          these three together: ~4-5 min
+#                                                          these two: ~2 min
+#   parity       full-size parity against transformers' eager attention, fp32 then bf16: eager,
+#                compiled, int8 and the bf16-weights yardstick (two compilations) ~3 min
 #   attention    the compiled step with torch's fused attention against the written-out one
 #                (a lead for the compiled step's speed)                   ~2-3 min
 # With no argument it runs them all, more than one 10-minute device call holds. With 15 device
-# minutes a session, two calls (timeout_s 560, then 360):
-#   bash scripts/gpu_checks.sh bench
-#   bash scripts/gpu_checks.sh int8_memory load_memory parity
-# and `bash scripts/gpu_checks.sh attention` if time is left.
+# minutes a session, in this order, as many calls as the time allows:
+#   bash scripts/gpu_checks.sh bench                       (timeout_s 560)
+#   bash scripts/gpu_checks.sh int8_memory load_memory     (timeout_s 360)
+#   bash scripts/gpu_checks.sh parity attention            (timeout_s 480)
 # Under $OUT (the device tool brings back at most 8 files): bench.jsonl, BENCHMARKS.md, profile.txt,
 # load_memory.jsonl, parity.jsonl, attention.jsonl, and log.txt (card, versions, timeline, stderr).
 # Try it on the CPU first: PYTHON=.venv/bin/python CONFIG=micro MINI_LAYERS=1 INT8_LAYERS=1 DEVICE=cpu OUT=/tmp/out bash scripts/gpu_checks.sh
@@ -23,10 +24,10 @@ set -uo pipefail  # no -e: one failing step must not cost the others their (scar
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-phi3-mini}  # Phi-3-mini-4k-instruct's shape, built into phi3_scratch/benchmark.py
 MINI_LAYERS=${MINI_LAYERS:-8}  # the loading check's checkpoint: Phi-3-mini's widths, this many layers
-OUT=${OUT:-/tmp/gpu-checks}
+OUT=$(mkdir -p "${OUT:-/tmp/gpu-checks}" && cd "${OUT:-/tmp/gpu-checks}" && pwd)  # absolute: the script cds
 STAGES=${*:-bench int8_memory load_memory parity attention}
 LOG="$OUT/log.txt"
-mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints,recompiles}  # why CUDA graphs were skipped, why a step recompiled
@@ -38,14 +39,14 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 if wanted bench; then
   stamp bench
   cp docs/BENCHMARKS.md "$OUT/BENCHMARKS.md" 2>/dev/null  # keeps the CPU sections; this card's is added
-  timeout "${BENCH_TIMEOUT:-500}" $PY scripts/bench.py --config "$CONFIG" --runs 3 --markdown "$OUT/BENCHMARKS.md" \
-    --profile "$OUT/profile.txt" > "$OUT/bench.jsonl" 2>> "$LOG" || stamp "bench failed: exit $?"
+  timeout "${BENCH_TIMEOUT:-500}" $PY scripts/bench.py --config "$CONFIG" --device "$DEVICE" --runs 3 \
+    --markdown "$OUT/BENCHMARKS.md" --profile "$OUT/profile.txt" > "$OUT/bench.jsonl" 2>> "$LOG" || stamp "bench failed: exit $?"
 fi
 if wanted int8_memory; then
   stamp int8_memory
   CKPT=$(mktemp -d)
   timeout 150 $PY scripts/load_memory.py make "$CKPT" --mini-layers "${INT8_LAYERS:-32}" --dtype bfloat16 2>> "$LOG" \
-    && timeout 90 $PY scripts/load_memory.py measure "$CKPT" --device "${DEVICE:-cuda}" --quantize int8 >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
+    && timeout 90 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int8 >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
     || stamp "int8_memory failed: exit $?"
   rm -rf "$CKPT"
 fi
@@ -53,18 +54,18 @@ if wanted load_memory; then
   stamp load_memory
   CKPT=$(mktemp -d)
   timeout 60 $PY scripts/load_memory.py make "$CKPT" --mini-layers "$MINI_LAYERS" --dtype bfloat16 2>> "$LOG" \
-    && timeout 30 $PY scripts/load_memory.py measure "$CKPT" --device "${DEVICE:-cuda}" >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
+    && timeout 30 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
     || stamp "load_memory failed: exit $?"
   rm -rf "$CKPT"
 fi
 if wanted parity; then
   stamp parity
-  timeout 200 $PY scripts/parity.py --config "$CONFIG" --seq-len 256 --dtypes bf16 fp32 \
+  timeout 240 $PY scripts/parity.py --config "$CONFIG" --device "$DEVICE" --seq-len 256 --dtypes fp32 bf16 \
     --paths eager compiled int8 bf16-weights >> "$OUT/parity.jsonl" 2>> "$LOG" || stamp "parity failed: exit $?"
 fi
 if wanted attention; then
   stamp attention
-  timeout 240 $PY scripts/bench.py --config "$CONFIG" --runs 3 --prefill --transformers eager \
+  timeout 210 $PY scripts/bench.py --config "$CONFIG" --device "$DEVICE" --runs 3 --prefill --transformers eager \
     --ours phi3_scratch-compiled phi3_scratch-compiled-sdpa > "$OUT/attention.jsonl" 2>> "$LOG" \
     || stamp "attention failed: exit $?"
 fi

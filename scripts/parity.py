@@ -52,6 +52,7 @@ def main() -> None:
         args.transformers = ["eager"]
         ours, models = build(args, device, dtype)
         hf = models["transformers-eager"]
+        hf.config._attn_implementation = "eager"  # transformers' default would be sdpa
         torch.manual_seed(2)
         ids = torch.randint(0, ours.config.vocab_size, (1, args.seq_len), device=device)
         with torch.inference_mode():
@@ -97,8 +98,8 @@ def compiled_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits at positions T/2..T-1 (T/2, V): eager prefill, then one compiled step per token."""
     T = ids.shape[1]
     cache = compiled.static_cache(model, 1, T)
+    step = compiled.CompiledDecoder(model, cache, None)  # first, as in generate: it sets the cache's padding mask
     model(ids[:, : T // 2], cache)
-    step = compiled.CompiledDecoder(model, cache, None)
     return torch.stack([step(ids[:, i : i + 1])[0] for i in range(T // 2, T)]).float()
 
 

@@ -132,3 +132,21 @@ def test_a_benchmark_stopped_by_sigterm_reports_the_runs_it_finished(monkeypatch
     assert rows[("decode_cached", "phi3_scratch")]["runs_s"] == [0.09]
     assert "stopped by SIGTERM" in captured.err
     assert not (tmp_path / "profile.txt").exists()
+
+
+def test_a_benchmark_stopped_in_its_warm_up_reports_nothing_and_writes_no_table(monkeypatch, capsys, tmp_path):
+    from phi3_scratch import benchmark
+
+    calls = []
+
+    def timed(fn, device):
+        calls.append(fn)
+        if len(calls) == 3:  # SIGTERM during run 0, the warm-up: nothing measured yet
+            benchmark.time_is_up(signal.SIGTERM, None)
+        return 0.01
+
+    monkeypatch.setattr(benchmark, "timed", timed)
+    benchmark.main(["--config", "micro", "--runs", "2", "--new-tokens", "2", "--prompt-len", "4", "--prefill",
+                    "--transformers", "eager", "--ours", "phi3_scratch", "--markdown", str(tmp_path / "B.md")])
+    captured = capsys.readouterr()
+    assert captured.out == "" and "stopped by SIGTERM" in captured.err and not (tmp_path / "B.md").exists()

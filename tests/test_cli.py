@@ -150,7 +150,7 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
         (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument -n/--max-new-tokens/--max-tokens: expected a positive integer, got '0'"),
         (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
         (["generate", "hi", "--model", "{no_tokenizer}"], "tokenizer.model"),
-        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: temperature must be a number >= 0"),
+        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: --temperature must be a number >= 0"),
         (["generate", "hi", "--model", "{tiny}", "--compile", "--no-cache"], "error: --compile compiles the cached decode step; it cannot be combined with --no-cache"),
         (["generate", "hi", "--model", "{tiny}", "--attention", "flash"], "argument --attention: invalid choice"),
     ],
@@ -353,7 +353,7 @@ def test_max_tokens_aliases(tiny, capsys, monkeypatch, flag):
 
 def test_sampling_flags_without_temperature_sample_at_1(tiny, capsys):
     code, implied, err = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--top-p", 0.95, "--seed", 3)
-    assert code == 0 and "--top-p, --seed choose among sampled tokens" in err and "--temperature 1.0" in err
+    assert code == 0 and "--top-p, --seed only matter when sampling" in err and "--temperature 1.0" in err
     explicit = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--top-p", 0.95, "--seed", 3,
                    "--temperature", 1.0)[1]
     assert implied == explicit
@@ -438,9 +438,21 @@ def test_chat_leaves_on_quit_and_exit(tiny, capsys, monkeypatch, leave):
 def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     monkeypatch.setattr(cli, "load", lambda args: pytest.fail("a bad flag must be refused before loading"))
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--dtype", "int3")
-    assert code == 1 and "dtype 'int3' is not supported" in err
+    assert code == 1 and err.startswith("error: --dtype int3: not a dtype this model runs in; expected bf16, fp16 or fp32")
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "tpu")
-    assert code == 1 and "device 'tpu' is not a torch device" in err
+    assert code == 1 and err.startswith("error: --device tpu: not a device this model runs on; expected cpu, cuda")
+    code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--top-p", "2")
+    assert code == 1 and err == "error: --top-p must be in (0, 1], got 2.0\n"  # and no note about sampling first
+    code, _, err = run(capsys, "compare", "--model", "tiny", "--tolerance", "nan")
+    assert code == 1 and err == "error: --tolerance must be a positive number, got nan\n"
+    # --layer and --head against the model's config, before its weights load
+    code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "9")
+    assert code == 1 and err == "error: --layer 9: the model has 4 layers, 0..3\n"
+    code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "1", "--head", "4")
+    assert code == 1 and err == "error: --head 4: the model has 4 heads a layer, 0..3\n"
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "cuda")
+        assert code == 1 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and "--device cpu" in err
 
 
 def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch):
@@ -455,3 +467,13 @@ def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch)
     monkeypatch.setattr(cli, "model_folder", lambda args: fetched.append(("weights", args.model)))
     code, _, err = run(capsys, "generate", "hi", "--model", "someone/some-model")
     assert code == 1 and "no readable tokenizer" in err and fetched == [("tokenizer", "someone/some-model")]
+
+
+def test_a_folder_without_a_checkpoint_or_without_a_tokenizer_is_named(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path))
+    assert code == 1 and err == f"error: {tmp_path / 'config.json'} not found: a Phi-3 checkpoint folder must contain config.json\n"
+    p3.Phi3ForCausalLM.from_pretrained("tiny").save_pretrained(tmp_path / "saved")  # weights and config, no tokenizer
+    code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "-n", "2")
+    assert code == 1 and "tokenizer.model not found" in err and "--tokenizer DIR (or a repo id, or 'tiny')" in err
+    code, out, _ = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "--tokenizer", "tiny", "-n", "2")
+    assert code == 0 and out.strip()
