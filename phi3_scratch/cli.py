@@ -114,7 +114,8 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=bar,
                                             attention=args.attention, quantize=args.quantize)
     weight = model.model.embed_tokens.weight
-    log(f"loaded {count(model):,} parameters ({weight.dtype}, {weight_bytes(model) / 1e9:.3f} GB) and "
+    kind = f"{model.config.quantization} matrices, {weight.dtype} otherwise" if model.config.quantization else weight.dtype
+    log(f"loaded {count(model):,} parameters ({kind}, {weight_bytes(model) / 1e9:.3f} GB) and "
         f"the tokenizer in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
 
