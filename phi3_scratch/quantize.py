@@ -9,9 +9,10 @@ activations stay in the model's dtype, and each matrix is stored as
 
 and used as  y = (x @ weight^T) * scale,  the int8 matrix converted inside the matmul. Symmetric
 (no zero point), per output channel: the scale of row o multiplies output o only, so it can be
-applied after the product. Compiled on a GPU (`compile=True`), the conversion fuses into the
-matrix-vector kernel, which then reads int8 from memory; run eagerly, torch converts the whole
-matrix first, so int8 saves memory there, not time.
+applied after the product. Compiled (`compile=True`), a decode step's one-row products become
+reduction kernels that read the int8 matrix and convert each entry as they go: a step reads a
+quarter of fp32's bytes, on the CPU and on a GPU. Run eagerly, torch converts the whole matrix
+first, so int8 saves memory there, not time.
 
 The embedding stays in the model's dtype (a decode step reads one row of it), and so do the norms.
 A quantized model is saved (`save_pretrained`) with its int8 weights and scales and a
@@ -44,6 +45,13 @@ class Int8Linear(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device), requires_grad=False)  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            # One row (a decode step at batch 1), compiled: the product written as multiply-and-sum,
+            # which torch.compile turns into one reduction kernel that reads each int8 weight and
+            # converts it as it goes. (On a GPU, inductor writes any one-row matmul this way when
+            # coordinate-descent tuning is on; on the CPU it would call the BLAS on a converted copy.)
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+            return y.to(x.dtype) * self.scale
         return F.linear(x, self.weight.to(x.dtype)) * self.scale  # (..., out): (x @ q^T) * s
 
     def extra_repr(self) -> str:

@@ -72,6 +72,31 @@ def test_a_saved_int8_checkpoint_reloads_to_the_same_logits(tmp_path, corpus_ids
         p3.generate(int8, corpus_ids[:, :8], 12, eos_token_id=[]).tolist()
 
 
+def test_compiled_one_row_product_equals_the_eager_one():
+    """Compiled, Int8Linear writes a one-row product as multiply-and-sum (one reduction reading int8);
+    eagerly, as a matmul on the converted matrix. Both give the same numbers, to float rounding."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = Int8Linear(96, 40)
+    layer.weight.data, layer.scale.data = quantize_int8(torch.randn(40, 96))
+    compiled = torch.compile(layer, fullgraph=True)
+    for shape in [(1, 1, 96), (1, 96), (3, 96), (2, 5, 96)]:  # one row (the reduction), several rows (the matmul)
+        x = torch.randn(shape)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    graphs = []  # the traced graphs, by a backend that records them and runs them as they are
+
+    def record(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    torch._dynamo.reset()
+    traced = torch.compile(layer, backend=record, fullgraph=True)
+    traced(torch.randn(1, 1, 96)), traced(torch.randn(3, 96))
+    one_row, rows = (" ".join(g) for g in graphs)
+    assert "sum" in one_row and "linear" not in one_row and "linear" in rows
+    torch._dynamo.reset()
+
+
 def test_compiled_int8_decoding_gives_the_eager_tokens(corpus_ids):
     torch._dynamo.reset()
     int8 = p3.Phi3ForCausalLM.from_pretrained("tiny", quantize="int8")
