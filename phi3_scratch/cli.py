@@ -108,8 +108,12 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     log(f"loading {args.model} ({folder}) onto {args.device}")
 
     def bar(done: int, total: int) -> None:
+        tty = sys.stderr.isatty()
+        if done < total and not tty:
+            return  # a log file or a pipe gets the finished bar only, not one line per tensor
         filled = 30 * done // total
-        log(f"\r  weights [{'#' * filled}{'-' * (30 - filled)}] {done}/{total} tensors", end="\n" if done == total else "")
+        back = "\r" if tty else ""  # to the start of the line: the bar is drawn again in place
+        log(f"{back}  weights [{'#' * filled}{'-' * (30 - filled)}] {done}/{total} tensors", end="\n" if done == total else "")
 
     model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=bar,
                                             attention=args.attention, quantize=args.quantize)
@@ -459,7 +463,9 @@ def cmd_compare(args) -> None:
     ids = encode_prompt(tokenizer, args.prompt, args.chat, weight.device)
     tolerance = default_tolerance(weight.dtype) if args.tolerance is None else args.tolerance
     print(f"{ids.shape[1]} tokens, {weight.dtype} on {weight.device}")
-    print(format_comparison(compare_with_transformers(model, hf, ids, tolerance), tolerance))
+    rows = compare_with_transformers(model, hf, ids, tolerance)
+    print(format_comparison(rows, tolerance))
+    return 0 if all(r["ok"] for r in rows) else 1  # like diff: 1 when they disagree
 
 
 # --------------------------------------------------------------------------------------- main
@@ -597,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "(or bfloat16, float16, float32, half)") from None
         if getattr(args, "compile", False) and getattr(args, "no_cache", False):
             raise Phi3Error("--compile compiles the cached decode step; it cannot be combined with --no-cache")
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)  # None for 0; compare returns 1 when it finds a difference
     except Phi3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -607,4 +613,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

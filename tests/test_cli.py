@@ -319,6 +319,9 @@ def test_compare_command_prints_the_table(tiny, capsys):
     assert code == 0
     assert re.search(r"^embed\s", out, re.M) and re.search(r"^layers\.3\.residual\s", out, re.M)
     assert "all within" in out
+    # int8 against transformers' fp32: tensors above the tolerance, and the exit status says so, as diff's does
+    code, out, err = run(capsys, "compare", "--model", tiny, "--prompt", "The model", "--quantize", "int8")
+    assert code == 1 and "<-- first above" in out and "this model's matrices are int8" in err
 
 
 def test_step_stops_when_there_is_no_room_left(tiny, capsys, monkeypatch):
@@ -482,3 +485,9 @@ def test_a_folder_without_a_checkpoint_or_without_a_tokenizer_is_named(capsys, t
     assert code == 1 and "tokenizer.model not found" in err and "--tokenizer DIR (or a repo id, or 'tiny')" in err
     code, out, _ = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "--tokenizer", "tiny", "-n", "2")
     assert code == 0 and out.strip()
+
+
+def test_the_progress_bar_writes_one_line_when_stderr_is_no_terminal(capsys):
+    code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "-n", "1")
+    bars = [line for line in err.splitlines() if "weights [" in line]
+    assert code == 0 and bars == ["  weights [##############################] 27/27 tensors"] and "\r" not in err
