@@ -5,6 +5,7 @@ Set PHI3_MINI_4K to the checkpoint folder, or have the repo in the Hugging Face 
 The expected numbers are those of transformers' own integration test for this model.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,10 @@ def real_checkpoint() -> Path | None:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(REPO, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
-        return folder if (folder / "config.json").is_file() else None
+        index = folder / "model.safetensors.index.json"
+        shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+        needed = {"config.json", "tokenizer.model", *shards}  # a partial download is no checkpoint
+        return folder if all((folder / name).is_file() for name in needed) else None
     except Exception:  # not in the cache: nothing to test against
         return None
 
