@@ -366,12 +366,6 @@ def positions_and_mask(slots: torch.Tensor, S: int, real: torch.Tensor | None, w
     return positions, zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)  # (B, T), (B, T, S)
 
 
-def causal_mask(T: int, past: int, attention_mask: torch.Tensor | None, window: int | None,
-                B: int, device) -> torch.Tensor:
-    """positions_and_mask's mask for T new tokens after `past` cached ones: (B, T, past + T)."""
-    return positions_and_mask(torch.arange(past, past + T, device=device), past + T, attention_mask, window, B)[1]
-
-
 # ------------------------------------------------------------------------- attention kernels
 
 

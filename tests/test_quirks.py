@@ -7,7 +7,7 @@ import torch
 
 import phi3_scratch as p3
 from phi3_scratch import family
-from phi3_scratch.model import Phi3Attention, Phi3RMSNorm, causal_mask
+from phi3_scratch.model import Phi3Attention, Phi3RMSNorm, positions_and_mask
 from phi3_scratch.rotary import Phi3RotaryEmbedding, apply_rotary
 
 
@@ -28,7 +28,7 @@ def random_model(config: p3.Phi3Config) -> p3.Phi3ForCausalLM:
 
 def test_sliding_window_query_sees_exactly_W_keys_itself_included():
     """Window W = 4: query q sees keys q-3..q. Microsoft's first code allowed W + 1 keys; transformers does not."""
-    allowed = causal_mask(10, 0, None, 4, 1, "cpu")[0] == 0  # (T, S)
+    allowed = positions_and_mask(torch.arange(10), 10, None, 4, 1)[1][0] == 0  # (T, S)
     assert allowed.sum(-1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
     assert allowed[9, 6:10].all() and not allowed[9, :6].any()
     # End to end with one layer: the token W positions back no longer reaches the last logit.
@@ -108,7 +108,7 @@ def test_gqa_query_head_reads_kv_head_h_div_groups():
     torch.nn.init.normal_(attn.qkv_proj.weight)
     x = torch.randn(1, 6, 64)
     cos, sin = Phi3RotaryEmbedding(config)(torch.arange(6)[None], torch.float32)
-    mask = causal_mask(6, 0, None, None, 1, "cpu")
+    mask = positions_and_mask(torch.arange(6), 6, None, None, 1)[1]
     with torch.no_grad():
         ours = attn(x, cos, sin, mask, None)
         # Reference: copy each kv head to its 4 query heads and run plain multi-head attention.
