@@ -61,22 +61,21 @@ def model_folder(args):
     return resolve_checkpoint(args.model)  # a repo id downloads here, with huggingface-hub's bars
 
 
-def meta_model(args) -> Phi3ForCausalLM:
-    """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`.
-
-    A Phi-3 family repo id needs no download at all (family.py knows its config); another repo id
-    downloads only its config files.
-    """
+def model_config(args) -> Phi3Config:
+    """The config of --model, without its weights: a Phi-3 family repo id needs no download at all
+    (family.py knows its config); another repo id downloads only its config files."""
     from .family import config as family_config, find
 
-    folder = Path(args.model).expanduser()
-    if not folder.is_dir() and find(args.model):
-        config = family_config(args.model)
-    else:
-        config = Phi3Config.from_pretrained(resolve_checkpoint(args.model, CONFIG_FILES))
+    if not Path(args.model).expanduser().is_dir() and find(args.model):
+        return family_config(args.model)
+    return Phi3Config.from_pretrained(resolve_checkpoint(args.model, CONFIG_FILES))
+
+
+def meta_model(args) -> Phi3ForCausalLM:
+    """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`."""
+    config = model_config(args)
     dtype = resolve_dtype(args.dtype or config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
-    if args.quantize:
-        config.quantization = "int8"
+    config.quantization = args.quantize or config.quantization
     return on_meta(config, dtype)
 
 
@@ -429,7 +428,7 @@ def cmd_attention(args) -> None:
     if args.layer != "all" and not args.layer.isdigit():
         raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")
     layer = "all" if args.layer == "all" else int(args.layer)
-    config = meta_model(args).config  # the config alone: --layer and --head are checked before the weights load
+    config = model_config(args)  # --layer and --head are checked before the weights load
     if layer != "all" and layer >= config.num_hidden_layers:
         raise Phi3Error(f"--layer {layer}: the model has {config.num_hidden_layers} layers, 0..{config.num_hidden_layers - 1}")
     if args.head is not None and not 0 <= args.head < config.num_attention_heads:
