@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Phi3Error
+from .quantize import METHODS
 
 ROPE_TYPES = ("default", "longrope")
 ROPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # older 128k checkpoints say "su"; transformers maps both
@@ -121,8 +122,9 @@ class Phi3Config:
                         f"{self.rotary_dim // 2} numbers, got "
                         f"{'none' if factors is None else len(factors)}"
                     )
-        if self.quantization not in (None, "int8"):
-            raise Phi3Error(f"{where}: quantization must be null or 'int8', got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in METHODS:
+            raise Phi3Error(f"{where}: quantization must be null or {' or '.join(map(repr, METHODS))}, "
+                            f"got {self.quantization!r}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
 
