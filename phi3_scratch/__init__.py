@@ -12,7 +12,7 @@ published configs, quantize.py int8 weights, notebook.py the teaching notebook's
 from .cache import KVCache
 from .config import Phi3Config
 from .errors import Phi3Error
-from . import loading  # loading.TINY: the built-in tiny model's folder
+from . import loading  # noqa: F401  (p3.loading.TINY: the built-in tiny model's folder)
 from .generation import generate, stream_tokens
 from .model import Phi3ForCausalLM, Phi3Model
 from .notebook import AutoModelForCausalLM, AutoTokenizer, pipeline  # the teaching notebook's names

@@ -47,7 +47,7 @@ import torch
 
 import phi3_scratch as p3
 from phi3_scratch import compiled, family, generation
-from phi3_scratch.loading import set_parameter
+from phi3_scratch.loading import finish_meta_model, set_parameter
 
 # phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
 DECODE = ("first_token", "decode_cached")
@@ -122,9 +122,7 @@ def build(args, device, dtype):
             ours = p3.Phi3ForCausalLM(p3.Phi3Config.from_dict(d))
         for name, p in hf.named_parameters():
             set_parameter(ours, name, p)  # the same tensor, not a copy
-        if ours.config.tie_word_embeddings:
-            ours.lm_head.weight = ours.model.embed_tokens.weight
-        ours.model.rotary_emb = type(ours.model.rotary_emb)(ours.config, device=device)
+        finish_meta_model(ours, device)
         ours.eval()
         theirs = {n: p.data_ptr() for n, p in hf.named_parameters(remove_duplicate=False)}
         shared = all(theirs[n] == p.data_ptr() for n, p in ours.named_parameters(remove_duplicate=False))
@@ -156,9 +154,7 @@ def variant(ours, name: str):
         model = p3.Phi3ForCausalLM(dataclasses.replace(ours.config))
     for param_name, p in ours.named_parameters():
         set_parameter(model, param_name, p.to(dtype))  # the same tensor where the dtype is the same
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(model.config, device=device)
+    finish_meta_model(model, device)
     return (quantize_model(model) if name.endswith("-int8") else model).eval()
 
 

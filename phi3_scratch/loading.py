@@ -247,11 +247,18 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise Phi3Error(f"checkpoint {folder} is missing {len(missing)} tensor(s): {shown}")
 
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config, device=device)  # computed, not loaded
+    finish_meta_model(model, device)
     config.quantization = quantize
     return model.set_attention(attention).eval()
+
+
+def finish_meta_model(model: nn.Module, device: torch.device) -> None:
+    """What a model built on the meta device still needs once set_parameter has given it every
+    weight: a tied head pointed at the embedding again, and the rotary tables (computed, not loaded)
+    made on the device."""
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config, device=device)
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
