@@ -122,26 +122,25 @@ class Tokenizer:
         from .loading import TOKENIZER_FILES, resolve_checkpoint  # here, not at the top: loading imports torch
 
         folder = resolve_checkpoint(path_or_repo_id, TOKENIZER_FILES)
-        model = folder / "tokenizer.model"
-        if not model.is_file() and not (folder / "tokenizer.json").is_file():
-            raise Phi3Error(f"{model} not found, and no tokenizer.json: expected the sentencepiece model of a "
-                            "Phi-3 checkpoint, or the byte-level BPE tokenizer.json of a Phi-4 one")
-        if model.is_file():
-            sp = spm.SentencePieceProcessor()
+        model, bpe = folder / "tokenizer.model", folder / "tokenizer.json"
+        if model.is_file():  # Phi-3: a sentencepiece model
+            pieces = spm.SentencePieceProcessor()
             try:
-                sp.Load(str(model))
+                pieces.Load(str(model))
             except (OSError, RuntimeError) as e:
                 raise Phi3Error(f"{model} is not a readable sentencepiece model ({e})") from None
+        elif bpe.is_file():  # Phi-4: tokenizer.json's byte-level BPE
+            pieces = ByteLevelBPE.from_tokenizer_json(read_json(bpe), str(bpe))
+        else:
+            raise Phi3Error(f"{model} not found, and no tokenizer.json: expected the sentencepiece model of a "
+                            "Phi-3 checkpoint, or the byte-level BPE tokenizer.json of a Phi-4 one")
         config = read_json(folder / "tokenizer_config.json", {})
         for key, kind in (("add_bos_token", bool), ("add_eos_token", bool), ("chat_template", str)):
             if config.get(key) is not None and not isinstance(config[key], kind):
                 raise Phi3Error(f"{folder / 'tokenizer_config.json'}: {key} is {config[key]!r:.100}; "
                                 f"expected a {kind.__name__}")
         template = folder / "chat_template.jinja"  # where transformers 5's save_pretrained writes it
-        if not model.is_file():  # Phi-4: tokenizer.json's byte-level BPE
-            path = folder / "tokenizer.json"
-            sp = ByteLevelBPE.from_tokenizer_json(read_json(path), str(path))
-        return cls(sp, _added_tokens(folder, config), config, template.read_text() if template.is_file() else None)
+        return cls(pieces, _added_tokens(folder, config), config, template.read_text() if template.is_file() else None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`: added tokens first, sentencepiece on the text between them."""
