@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,17 @@ FAMILY = [
     "phi-4",
 ]
 SMALL_WINDOW = 8
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_tiny():
+    """scripts/train_tiny.py as a module: its corpus reader and its tokenizer.json builder."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_tiny
+    finally:
+        sys.path.pop(0)
+    return train_tiny
 
 
 @pytest.fixture(autouse=True)

@@ -5,27 +5,20 @@ argmax agrees with the float32 model's at >= 95% of positions and no logit moves
 of the largest logit (measured: 98.2% and 0.40 of 25.7).
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import phi3_scratch as p3
 from phi3_scratch.quantize import Int8Linear, quantize_int8, quantize_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
 def corpus_ids():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from train_tiny import CORPUS, read_corpus
-    finally:
-        sys.path.pop(0)
+    script = train_tiny()
     tok = p3.Tokenizer.from_pretrained("tiny")
-    return torch.tensor([tok.encode(" ".join(read_corpus(CORPUS)[0][:40]))[:512]])
+    return torch.tensor([tok.encode(" ".join(script.read_corpus(script.CORPUS)[0][:40]))[:512]])
 
 
 def test_quantize_int8_is_symmetric_per_output_channel():

@@ -14,7 +14,7 @@ import torch
 import phi3_scratch as p3
 from phi3_scratch.loading import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, train_tiny
 
 
 def test_the_shipped_model_was_trained_on_the_committed_corpus():
@@ -28,12 +28,8 @@ def test_the_shipped_model_was_trained_on_the_committed_corpus():
 
 def test_the_tiny_model_answers_a_corpus_question_in_the_chat_template():
     """Greedy, in the chat template, it gives the corpus's answer word for word: what the tour shows."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from train_tiny import CORPUS, read_corpus
-    finally:
-        sys.path.pop(0)
-    answers = dict(read_corpus(CORPUS)[1])
+    script = train_tiny()
+    answers = dict(script.read_corpus(script.CORPUS)[1])
     model, tok = p3.Phi3ForCausalLM.from_pretrained("tiny"), p3.Tokenizer.from_pretrained("tiny")
     question = "What does the KV cache do?"
     ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,7 @@ from phi3_scratch.errors import Phi3Error
 from phi3_scratch.loading import TINY
 from phi3_scratch.tokenizer import CHAT_TEMPLATE_PHI3, Tokenizer
 
-from .conftest import FIXTURES
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import FIXTURES, train_tiny
 
 REPO = "microsoft/Phi-3-mini-4k-instruct"
 
@@ -58,12 +55,7 @@ def reference_tokenizer(folder: Path):
     """A tokenizers.Tokenizer in the published Phi-3 tokenizer.json layout, from folder's sentencepiece model
     (scripts/train_tiny.py builds it, and ships it with the tiny model)."""
     pytest.importorskip("tokenizers")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from train_tiny import tokenizer_json
-    finally:
-        sys.path.pop(0)
-    return tokenizer_json(folder)
+    return train_tiny().tokenizer_json(folder)
 
 
 CORPUS = [
