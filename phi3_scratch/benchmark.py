@@ -19,9 +19,10 @@ Implementations: transformers with eager and sdpa attention, and transformers-co
 cache and a torch.compile'd forward: cached decode); phi3_scratch eager (every job),
 phi3_scratch-sdpa (its fused-attention kernel: prefill and cached decode), phi3_scratch-compiled
 (compile=True: cached decode), and the same two with int8 weights (-int8, -compiled-int8); on
-request -compiled-sdpa and -bf16 (bf16 weights). Run 0 of each is a warm-up (kernel choice,
-compilation) and is reported apart. Stopped by SIGTERM (a `timeout`), the benchmark reports the
-runs it has finished and skips the profile.
+request -compiled-sdpa, -bf16 (bf16 weights) and the same two with int4 weights (-int4,
+-compiled-int4). Run 0 of each is a warm-up (kernel choice, compilation) and is reported apart.
+Stopped by SIGTERM (a `timeout`), the benchmark reports the runs it has finished and skips the
+profile.
 
 Each measurement prints one JSON line: the median of --runs runs, every run, the ratio to
 transformers' eager implementation, peak memory, and on a GPU the achieved weight-reading
@@ -55,7 +56,8 @@ OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", *DECODE), "phi3_
         "phi3_scratch-int8": DECODE, "phi3_scratch-compiled-int8": DECODE,
         # not run unless --ours names them: torch's fused attention in the compiled step; bf16 weights
         # (on the CPU, beside fp32 ones)
-        "phi3_scratch-compiled-sdpa": DECODE, "phi3_scratch-bf16": DECODE}
+        "phi3_scratch-compiled-sdpa": DECODE, "phi3_scratch-bf16": DECODE,
+        "phi3_scratch-int4": DECODE, "phi3_scratch-compiled-int4": DECODE}
 # transformers' variants: its attention implementations, and "compiled": a static cache and a
 # torch.compile'd forward, the fastest decoding its documentation describes.
 THEIRS = ("eager", "sdpa", "compiled")
@@ -141,21 +143,22 @@ def model_bytes(model) -> tuple[int, int]:
 
 def variant(ours, name: str):
     """The model a phi3_scratch variant runs: `ours` itself, or one built from the very same weights,
-    int8 (quantize.py) or in bf16."""
+    int8 or int4 (quantize.py) or in bf16."""
     import dataclasses
 
     from phi3_scratch.quantize import quantize_model
 
-    if not (name.endswith("-int8") or name.endswith("-bf16")):
+    method = name.rpartition("-")[2]  # "int8", "int4", "bf16" or another part of the name
+    if method not in ("int8", "int4", "bf16"):
         return ours
-    dtype = torch.bfloat16 if name.endswith("-bf16") else ours.model.embed_tokens.weight.dtype
+    dtype = torch.bfloat16 if method == "bf16" else ours.model.embed_tokens.weight.dtype
     device = ours.model.embed_tokens.weight.device
     with torch.device("meta"):
         model = p3.Phi3ForCausalLM(dataclasses.replace(ours.config))
     for param_name, p in ours.named_parameters():
         set_parameter(model, param_name, p.to(dtype))  # the same tensor where the dtype is the same
     finish_meta_model(model, device)
-    return (quantize_model(model) if name.endswith("-int8") else model).eval()
+    return (model if method == "bf16" else quantize_model(model, method)).eval()
 
 
 _hf_compiled = {}  # id of a transformers model -> its compiled forward

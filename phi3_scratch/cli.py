@@ -30,7 +30,7 @@ from .generation import check_sampling, generate, stream_tokens
 from .config import Phi3Config
 from .loading import CONFIG_FILES, resolve_checkpoint, resolve_device, resolve_dtype
 from .model import Phi3ForCausalLM
-from .quantize import use_int8_modules
+from .quantize import LINEAR, METHODS, use_quantized_modules
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -80,11 +80,11 @@ def meta_model(args) -> Phi3ForCausalLM:
 
 
 def on_meta(config: Phi3Config, dtype: torch.dtype) -> Phi3ForCausalLM:
-    """The model with shapes and dtypes but no storage (int8 matrices if config.quantization says so)."""
+    """The model with shapes and dtypes but no storage (quantized matrices if config.quantization says so)."""
     with torch.device("meta"):
         model = Phi3ForCausalLM(config).to(dtype)
         if config.quantization:
-            use_int8_modules(model, dtype)
+            use_quantized_modules(model, config.quantization, dtype)
     return model
 
 
@@ -134,13 +134,17 @@ def say_memory(args, folder) -> None:
     if size > 2**30:
         hint = "; --dtype bf16 halves it" if dtype == torch.float32 else ""
         if not config.quantization:
-            hint += ("; " if not hint else ", ") + "--quantize int8 takes about a quarter of fp32 (fastest with --compile)"
+            hint += ("; " if not hint else ", ") + ("--quantize int8 takes about a quarter of fp32, int4 a seventh "
+                                                    "(fastest with --compile)")
         log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} on the CPU{hint}")
 
 
 def count(model) -> int:
-    """The model's parameters (a tied head once; an int8 matrix's scales are not parameters of Phi-3)."""
-    return sum(p.numel() for name, p in model.named_parameters() if not name.endswith(".scale"))
+    """Phi-3's parameters in `model`: a tied head once; a quantized matrix as its in x out weights
+    (its packing, scales and offsets are not parameters of Phi-3)."""
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, tuple(LINEAR.values()))}
+    plain = sum(p.numel() for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized)
+    return plain + sum(m.in_features * m.out_features for m in quantized.values())
 
 
 def weight_bytes(model) -> int:
@@ -254,7 +258,7 @@ def cmd_arch(args, model=None) -> None:
         "attention (qkv_proj, o_proj)": sum(count(layer.self_attn) for layer in layers),
         "mlp (gate_up_proj, down_proj)": sum(count(layer.mlp) for layer in layers),
         "norms": sum(p.numel() for n, p in model.named_parameters() if "norm" in n),
-        "lm_head": 0 if c.tie_word_embeddings else model.lm_head.weight.numel(),
+        "lm_head": 0 if c.tie_word_embeddings else count(model.lm_head),
     }
     total = count(model)
     print(f"\n{'part':34s}{'parameters':>16s}{'share':>8s}")
@@ -265,7 +269,7 @@ def cmd_arch(args, model=None) -> None:
     element = model.model.embed_tokens.weight.element_size()  # the KV cache's dtype, the model's
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # k and v
     size = weight_bytes(model)
-    kind = " (int8 matrices, scales and the rest)" if c.quantization else ""
+    kind = f" ({c.quantization} matrices, scales and the rest)" if c.quantization else ""
     print(f"\nweights: {size / 1e9:.3f} GB ({size / 2**30:.3f} GiB) in {model.model.embed_tokens.weight.dtype}{kind}")
     print(f"KV cache: {per_token / 1024:.1f} KiB per token (2 x {c.num_hidden_layers} layers x "
           f"{c.num_key_value_heads} kv heads x {c.head_dim} x {element} B); "
@@ -500,8 +504,9 @@ def build_parser() -> Parser:
     common.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
     common.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
                         help="eager: written out step by step (default); sdpa: torch's fused kernel")
-    common.add_argument("--quantize", default=None, choices=["int8"],
-                        help="int8: int8 weights with one scale per output channel, half of bf16's memory")
+    common.add_argument("--quantize", default=None, choices=METHODS,
+                        help="int8: int8 weights with one scale per output channel, half of bf16's memory; "
+                             "int4: 4-bit weights in groups of 128 inputs, a quarter")
     common.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="the tokenizer's folder or repo id, for a checkpoint without tokenizer files")
     gen = Parser(add_help=False)

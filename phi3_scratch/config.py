@@ -51,7 +51,7 @@ class Phi3Config:
     pad_token_id: int | None = 32000
     stop_token_ids: list[int] = field(default_factory=list)  # what generate() stops at
     torch_dtype: str | None = None  # the weights' dtype as config.json names it ("bfloat16"), if it does
-    quantization: str | None = None  # "int8" for a checkpoint saved quantized (quantize.py)
+    quantization: str | None = None  # "int8" or "int4" for a checkpoint saved quantized (quantize.py)
     source: str = "<in memory>"  # the file this config was read from, for error messages
 
     def __post_init__(self):

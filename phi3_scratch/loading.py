@@ -31,7 +31,7 @@ from torch import nn
 from .config import Phi3Config
 from .errors import Phi3Error
 from .model import check_attention_kernel
-from .quantize import check_method, quantize_int8, quantized_names, use_int8_modules
+from .quantize import check_method, quantized_names, use_quantized_modules
 
 HUB_FILES = [
     "config.json",
@@ -169,17 +169,17 @@ def _open(path: Path):
 
 
 def checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
-    """The dtype of the checkpoint's first floating-point tensor (an int8 checkpoint's are its scales)."""
+    """The dtype of the checkpoint's first floating-point tensor (a quantized checkpoint's are its scales)."""
     first = folder / files[0]
     with _open(first) as f:
         names = list(f.keys())
         codes = [(name, f.get_slice(name).get_dtype()) for name in names]
     for name, code in codes:
-        if code == "I8":
+        if code in ("I8", "U8"):  # a quantized checkpoint's int8 or packed int4 weights
             continue
         if code not in SAFETENSORS_DTYPES:
             raise Phi3Error(f"{first}: tensor {name} has dtype {code}; expected one of "
-                            f"{sorted(SAFETENSORS_DTYPES)} (or I8, in an int8 checkpoint)")
+                            f"{sorted(SAFETENSORS_DTYPES)} (or I8/U8, in a quantized checkpoint)")
         return SAFETENSORS_DTYPES[code]
     return torch.float32
 
@@ -187,7 +187,7 @@ def checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
 def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, attention="eager",
                quantize=None) -> nn.Module:
     """progress, if given, is called as progress(tensors_done, tensors_total) after each tensor;
-    attention is "eager" or "sdpa" (Phi3ForCausalLM.set_attention); quantize "int8" quantizes each
+    attention is "eager" or "sdpa" (Phi3ForCausalLM.set_attention); quantize "int8" or "int4" quantizes each
     matrix as it is loaded (quantize.py), so the full-precision weights never all exist at once."""
     check_attention_kernel(attention)  # before minutes of loading
     check_method(quantize)
@@ -196,7 +196,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     config = Phi3Config.from_pretrained(folder)
     files = weight_files(folder)
     dtype = resolve_dtype(dtype, device, checkpoint_dtype(folder, files))
-    saved = config.quantization  # a checkpoint saved quantized holds int8 weights and their scales
+    saved = config.quantization  # a checkpoint saved quantized holds integer weights and their scales
     if quantize and saved and quantize != saved:
         raise Phi3Error(f"{folder}: the checkpoint is quantized as {saved}; it cannot be loaded as {quantize}")
     quantize = quantize or saved
@@ -204,9 +204,12 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     with torch.device("meta"):
         model = cls(config)  # shapes only, no storage
         if quantize:
-            use_int8_modules(model, dtype)
+            use_quantized_modules(model, quantize, dtype)
     to_quantize = {f"{name}.weight" for name in quantized_names(model)} if quantize and not saved else set()
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
+    for name in to_quantize:  # the file holds the full matrix (out, in), whatever the packing
+        module = model.get_submodule(name.removesuffix(".weight"))
+        expected[name] = (module.out_features, module.in_features)
     loaded: set[str] = set()
     total = len(expected)
     for file in files:
@@ -232,12 +235,16 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                 except (SafetensorError, OSError) as e:
                     raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
             if name in to_quantize:  # quantized on the device; the full-precision matrix goes at once
-                weight, scale = quantize_int8(tensor.to(device=device, dtype=dtype))
-                set_parameter(model, name, weight)
-                set_parameter(model, name.removesuffix("weight") + "scale", scale)
-                loaded.add(name.removesuffix("weight") + "scale")
-            else:  # int8 stays int8
-                set_parameter(model, name, tensor.to(device=device, dtype=None if tensor.dtype == torch.int8 else dtype))
+                module_name = name.removesuffix(".weight")
+                model.get_submodule(module_name).set_weight(tensor.to(device=device, dtype=dtype))
+                loaded.update(f"{module_name}.{p}" for p, _ in model.get_submodule(module_name).named_parameters())
+            else:
+                want = model.get_parameter(name).dtype  # a saved quantized model's integers stay integers
+                want = dtype if want.is_floating_point else want
+                if tensor.is_floating_point() != want.is_floating_point or (not want.is_floating_point and tensor.dtype != want):
+                    raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json "
+                                    f"(quantization: {saved}) implies {want}")
+                set_parameter(model, name, tensor.to(device=device, dtype=want))
             del tensor  # on a GPU load: the host copy goes now
             loaded.add(name)
             if progress:

@@ -1,22 +1,30 @@
-"""int8 weight-only quantization: every matrix of the decoder layers (and an untied head) in int8.
+"""Weight-only quantization: every matrix of the decoder layers (and an untied head) in 8 or 4 bits.
 
 A decode step at batch 1 reads every weight once, so its speed is the memory bandwidth divided
-by the bytes of the weights: int8 reads half the bytes of bf16. Weight-only means the
-activations stay in the model's dtype, and each matrix is stored as
+by the bytes of the weights: int8 reads half the bytes of bf16, int4 a quarter. Weight-only means
+the activations stay in the model's dtype; each matrix (out, in) is stored as small integers
+and the few numbers that turn them back into weights:
 
-    weight  int8 (out, in)        round(w / scale), in -127..127
-    scale   (out,) model dtype    max |w| of that output row / 127: one scale per output channel
+    int8   weight  int8 (out, in)         round(w / scale), in -127..127
+           scale   (out,)                 max |w| of that output row / 127: one per output channel
+           used as  y = (x @ weight^T) * scale     (symmetric: the scale of row o multiplies output o)
 
-and used as  y = (x @ weight^T) * scale,  the int8 matrix converted inside the matmul. Symmetric
-(no zero point), per output channel: the scale of row o multiplies output o only, so it can be
-applied after the product. Compiled (`compile=True`), a decode step's one-row products become
-reduction kernels that read the int8 matrix and convert each entry as they go: a step reads a
-quarter of fp32's bytes, on the CPU and on a GPU. Run eagerly, torch converts the whole matrix
-first, so int8 saves memory there, not time.
+    int4   weight  uint8 (out, in / 2)    two 4-bit numbers n in 0..15 a byte, in groups of 128 inputs
+           scale   (out, in / 128)        (max - min of the group's 128 weights) / 15
+           offset  (out, in / 128)        min of the group: w = n * scale + offset
+           used as  y = x @ w^T, w rebuilt group by group
 
-The embedding stays in the model's dtype (a decode step reads one row of it), and so do the norms.
-A quantized model is saved (`save_pretrained`) with its int8 weights and scales and a
-"quantization" entry in config.json, and loads back as it was saved.
+int4 needs groups: 16 levels for a whole row of 3,072 weights would round most of them to the
+two or three levels around zero. Inside a group of 128, byte j holds input j (low 4 bits) and
+input 64 + j (high 4 bits), as llama.cpp packs its blocks, so that a byte is unpacked by two
+bitwise operations and no interleaving.
+
+Compiled (`compile=True`), a decode step's one-row products become reduction kernels that read
+the packed matrix and convert each entry as they go: a step reads a quarter (int8) or an eighth
+(int4) of fp32's bytes. Run eagerly, torch converts the whole matrix first, so quantization saves
+memory there, not time. The embedding stays in the model's dtype (a decode step reads one row of
+it), and so do the norms. A quantized model is saved (`save_pretrained`) with its integer weights,
+scales (and offsets) and a "quantization" entry in config.json, and loads back as it was saved.
 """
 
 from __future__ import annotations
@@ -30,8 +38,16 @@ from torch import nn
 
 from .errors import Phi3Error
 
-METHODS = ("int8",)
 LAYER_MATRICES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+GROUP = 128  # int4: inputs that share a scale and an offset
+
+
+def one_row_compiled(x: torch.Tensor) -> bool:
+    """A decode step at batch 1 being compiled: the products below are then written as multiply-and-sum,
+    which torch.compile turns into one reduction kernel that reads each packed weight and converts it
+    as it goes. (On a GPU, inductor writes any one-row matmul this way when coordinate-descent tuning
+    is on; on the CPU it would call the BLAS on a converted copy of the matrix.)"""
+    return torch.compiler.is_compiling() and x.shape[:-1].numel() == 1
 
 
 class Int8Linear(nn.Module):
@@ -45,17 +61,51 @@ class Int8Linear(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device), requires_grad=False)  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-            # One row (a decode step at batch 1), compiled: the product written as multiply-and-sum,
-            # which torch.compile turns into one reduction kernel that reads each int8 weight and
-            # converts it as it goes. (On a GPU, inductor writes any one-row matmul this way when
-            # coordinate-descent tuning is on; on the CPU it would call the BLAS on a converted copy.)
+        if one_row_compiled(x):
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
             return y.to(x.dtype) * self.scale
         return F.linear(x, self.weight.to(x.dtype)) * self.scale  # (..., out): (x @ q^T) * s
 
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Quantize the full-precision matrix w (out, in) into this module's tensors."""
+        self.weight, self.scale = (nn.Parameter(t, requires_grad=False) for t in quantize_int8(w))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear without bias, its weight in 4 bits: groups of 128 inputs, each with a scale and an offset."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        groups = in_features // GROUP
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                                   requires_grad=False)  # (out, in / 2): two 4-bit numbers a byte
+        self.scale = nn.Parameter(torch.ones(out_features, groups, dtype=dtype, device=device), requires_grad=False)
+        self.offset = nn.Parameter(torch.zeros(out_features, groups, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, groups = self.scale.shape
+        packed = self.weight.view(out, groups, GROUP // 2)  # byte j of a group: inputs j and 64 + j
+        low, high = packed & 15, packed >> 4  # (out, groups, 64) each, 0..15
+        scale, offset = self.scale[..., None], self.offset[..., None]  # (out, groups, 1)
+        if one_row_compiled(x):
+            halves = x.reshape(groups, 2, GROUP // 2).float()  # each group's first and second 64 inputs
+            w_low = low.float() * scale.float() + offset.float()  # (out, groups, 64)
+            w_high = high.float() * scale.float() + offset.float()
+            y = (halves[:, 0] * w_low + halves[:, 1] * w_high).sum((-2, -1))  # (out,): one pass over the bytes
+            return y.to(x.dtype).view(*x.shape[:-1], out)
+        w = torch.cat([low, high], dim=-1).to(x.dtype) * scale + offset  # (out, groups, 128): n * scale + offset
+        return F.linear(x, w.view(out, self.in_features))
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Quantize the full-precision matrix w (out, in) into this module's tensors."""
+        self.weight, self.scale, self.offset = (nn.Parameter(t, requires_grad=False) for t in quantize_int4(w))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 in groups of {GROUP}"
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +116,26 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(w.dtype)
 
 
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 weight (out, in / 2), scale, offset (out, in / 128)) of a weight matrix (out, in)."""
+    out, n_in = w.shape
+    groups = w.float().view(out, n_in // GROUP, GROUP)  # (out, groups, 128)
+    low, high = groups.amin(-1), groups.amax(-1)  # (out, groups)
+    # Rounded to the model's dtype first, so that the numbers below are chosen for the scale and
+    # offset that will be stored.
+    offset = low.to(w.dtype)
+    scale = ((high - low) / 15).clamp(min=1e-12).to(w.dtype)  # a constant group keeps a tiny scale
+    n = torch.round((groups - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = n[..., : GROUP // 2] | (n[..., GROUP // 2 :] << 4)  # (out, groups, 64): inputs j and 64 + j
+    return packed.view(out, n_in // 2), scale, offset
+
+
+LINEAR = {"int8": Int8Linear, "int4": Int4Linear}  # method -> the module that replaces nn.Linear
+METHODS = tuple(LINEAR)
+
+
 def quantized_names(model) -> list[str]:
-    """The modules int8 replaces: the decoder layers' four matrices, and the head unless it is tied."""
+    """The modules quantization replaces: the decoder layers' four matrices, and the head unless it is tied."""
     names = [f"model.layers.{i}.{m}" for i in range(len(model.model.layers)) for m in LAYER_MATRICES]
     return names + ([] if model.config.tie_word_embeddings else ["lm_head"])
 
@@ -77,29 +145,34 @@ def check_method(quantize) -> None:
         raise Phi3Error(f"quantize must be None or one of {list(METHODS)}, got {quantize!r}")
 
 
-def swap_in_int8(model, name: str, dtype: torch.dtype) -> tuple[nn.Module, Int8Linear]:
-    """Replace the module `name` by an empty Int8Linear of its shape, on its device; (old, new)."""
+def swap_in(model, name: str, method: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """Replace the module `name` by an empty quantized one of its shape, on its device; (old, new)."""
     parent, _, attr = name.rpartition(".")
     old = model.get_submodule(name)
-    new = Int8Linear(old.in_features, old.out_features, dtype=dtype, device=old.weight.device)
+    if method == "int4" and old.in_features % GROUP:
+        raise Phi3Error(f"int4 quantizes groups of {GROUP} inputs; {name} has {old.in_features} inputs, "
+                        f"not a multiple of {GROUP}")
+    new = LINEAR[method](old.in_features, old.out_features, dtype=dtype, device=old.weight.device)
     setattr(model.get_submodule(parent) if parent else model, attr, new)
     return old, new
 
 
-def use_int8_modules(model, dtype: torch.dtype) -> None:
-    """Swap each quantized nn.Linear for an empty Int8Linear of its shape, on the same device (meta included)."""
+def use_quantized_modules(model, method: str, dtype: torch.dtype) -> None:
+    """Swap each quantized nn.Linear for an empty module of `method` of its shape, on the same device (meta included)."""
     for name in quantized_names(model):
-        swap_in_int8(model, name, dtype)
+        swap_in(model, name, method, dtype)
 
 
 @torch.no_grad()
 def quantize_model(model, method: str = "int8"):
     """Quantize a loaded model in place (each matrix replaced as it is done); returns the model."""
     check_method(method)
+    if model.config.quantization not in (None, method):
+        raise Phi3Error(f"the model is quantized as {model.config.quantization}; it cannot be quantized as {method}")
     for name in quantized_names(model):
-        if not isinstance(model.get_submodule(name), Int8Linear):
-            old, new = swap_in_int8(model, name, model.get_submodule(name).weight.dtype)
-            new.weight.data, new.scale.data = quantize_int8(old.weight)
+        if not isinstance(model.get_submodule(name), LINEAR[method]):
+            old, new = swap_in(model, name, method, model.get_submodule(name).weight.dtype)
+            new.set_weight(old.weight)
     model.config.quantization = method
     return model
 

@@ -119,7 +119,7 @@ def main() -> None:
     ms.add_argument("folder", type=Path)
     ms.add_argument("--naive", action="store_true")
     ms.add_argument("--device", default="cpu")
-    ms.add_argument("--quantize", choices=["int8"], help="quantize while loading (quantize.py)")
+    ms.add_argument("--quantize", choices=["int8", "int4"], help="quantize while loading (quantize.py)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.folder, getattr(torch, args.dtype), args.mini_layers)

@@ -11,7 +11,8 @@ half eagerly and then feeds the second half one token at a time through the comp
 (compile=True), comparing each step's logits with transformers' at that position. Path "int8" is
 the same forward with every matrix quantized to int8 (quantize.py): its top-1 agreement with
 transformers' unquantized model, teacher-forced over the whole prompt, is the quality figure
-(the target: >= 95% at Phi-3-mini's shape). Path "bf16-weights" is a yardstick for it: the
+(the target: >= 95% at Phi-3-mini's shape); path "int4" the same with 4-bit groups of 128 (on
+request). Path "bf16-weights" is a yardstick for it: the
 unquantized model with the matrices int8 quantizes rounded to bf16 values, computed in the run's dtype,
 so the error of rounding the weights alone (about 5x less than int8's); it rounds the weights in
 place, so it runs after the other paths. Each row also says how often this model's top-1 token is
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--paths", nargs="*", default=["eager", "compiled", "int8"],
-                        choices=["eager", "compiled", "int8", "bf16-weights"])
+                        choices=["eager", "compiled", "int8", "int4", "bf16-weights"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -66,7 +67,7 @@ def main() -> None:
                     elif path == "bf16-weights":
                         a, first = with_bf16_weights(ours)(ids).float()[0], 0
                     else:
-                        a, first = (variant(ours, "phi3_scratch-int8") if path == "int8" else ours)(ids).float()[0], 0
+                        a, first = variant(ours, f"phi3_scratch-{path}")(ids).float()[0], 0  # eager, int8, int4
                 except Exception as e:  # report it and go on: on a GPU the other rows are worth their time
                     traceback.print_exc()
                     print(json.dumps({"dtype": name, "path": path, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
