@@ -14,10 +14,11 @@ and the few numbers that turn them back into weights:
            offset  (out, in / 128)        min of the group: w = n * scale + offset
            used as  y = x @ w^T, w rebuilt group by group
 
-int4 needs groups: 16 levels for a whole row of 3,072 weights would round most of them to the
-two or three levels around zero. Inside a group of 128, byte j holds input j (low 4 bits) and
-input 64 + j (high 4 bits), as llama.cpp packs its blocks, so that a byte is unpacked by two
-bitwise operations and no interleaving.
+int4 needs groups: 16 levels spread out to the extremes of a whole row of 3,072 weights would
+leave the two thirds of them that lie within one standard deviation of zero about four levels;
+a group of 128 has narrower extremes and its own offset. Inside a group, byte j holds input j
+(low 4 bits) and input 64 + j (high 4 bits), as llama.cpp packs its blocks, so that a byte is
+unpacked by two bitwise operations and no interleaving.
 
 Compiled (`compile=True`), a decode step's one-row products become reduction kernels that read
 the packed matrix and convert each entry as they go: a step reads a quarter (int8) or an eighth
@@ -97,7 +98,8 @@ class Int4Linear(nn.Module):
             w_high = high.float() * scale.float() + offset.float()
             y = (halves[:, 0] * w_low + halves[:, 1] * w_high).sum((-2, -1))  # (out,): one pass over the bytes
             return y.to(x.dtype).view(*x.shape[:-1], out)
-        w = torch.cat([low, high], dim=-1).to(x.dtype) * scale + offset  # (out, groups, 128): n * scale + offset
+        n = torch.cat([low, high], dim=-1).to(x.dtype)  # (out, groups, 128): inputs 0..127 of each group
+        w = torch.addcmul(offset, n, scale)  # offset + n * scale, in one pass over the matrix
         return F.linear(x, w.view(out, self.in_features))
 
     def set_weight(self, w: torch.Tensor) -> None:

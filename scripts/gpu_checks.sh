@@ -12,20 +12,24 @@
 #                compiled, int8 and the bf16-weights yardstick (two compilations) ~3 min
 #   attention    the compiled step with torch's fused attention against the written-out one
 #                (a lead for the compiled step's speed)                   ~2-3 min
+#   int4         compiled int4 against compiled int8 (same run), the whole Phi-3-mini loaded as
+#                int4 and generating, and int4's parity at full size      ~5 min
 # With no argument it runs them all, more than one 10-minute device call holds. With 15 device
 # minutes a session, in this order, as many calls as the time allows:
 #   bash scripts/gpu_checks.sh bench                       (timeout_s 560)
 #   bash scripts/gpu_checks.sh int8_memory load_memory     (timeout_s 360)
 #   bash scripts/gpu_checks.sh parity attention            (timeout_s 480)
+#   bash scripts/gpu_checks.sh int4                        (timeout_s 480)
 # Under $OUT (the device tool brings back at most 8 files): bench.jsonl, BENCHMARKS.md, profile.txt,
-# load_memory.jsonl, parity.jsonl, attention.jsonl, and log.txt (card, versions, timeline, stderr).
+# load_memory.jsonl, parity.jsonl, attention.jsonl, int4.jsonl and log.txt (card, versions, timeline,
+# stderr).
 # Try it on the CPU first: PYTHON=.venv/bin/python CONFIG=micro MINI_LAYERS=1 INT8_LAYERS=1 DEVICE=cpu OUT=/tmp/out bash scripts/gpu_checks.sh
 set -uo pipefail  # no -e: one failing step must not cost the others their (scarce) GPU time
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-phi3-mini}  # Phi-3-mini-4k-instruct's shape, built into phi3_scratch/benchmark.py
 MINI_LAYERS=${MINI_LAYERS:-8}  # the loading check's checkpoint: Phi-3-mini's widths, this many layers
 OUT=$(mkdir -p "${OUT:-/tmp/gpu-checks}" && cd "${OUT:-/tmp/gpu-checks}" && pwd)  # absolute: the script cds
-STAGES=${*:-bench int8_memory load_memory parity attention}
+STAGES=${*:-bench int8_memory load_memory parity attention int4}
 LOG="$OUT/log.txt"
 DEVICE=${DEVICE:-cuda}
 cd "$(dirname "$0")/.."
@@ -68,5 +72,18 @@ if wanted attention; then
   timeout 210 $PY scripts/bench.py --config "$CONFIG" --device "$DEVICE" --runs 3 --prefill --transformers eager \
     --ours phi3_scratch-compiled phi3_scratch-compiled-sdpa > "$OUT/attention.jsonl" 2>> "$LOG" \
     || stamp "attention failed: exit $?"
+fi
+if wanted int4; then
+  stamp int4
+  timeout 150 $PY scripts/bench.py --config "$CONFIG" --device "$DEVICE" --runs 3 --prefill --transformers eager \
+    --ours phi3_scratch-compiled-int8 phi3_scratch-compiled-int4 > "$OUT/int4.jsonl" 2>> "$LOG" \
+    || stamp "int4 bench failed: exit $?"
+  timeout 60 $PY scripts/parity.py --config "$CONFIG" --device "$DEVICE" --seq-len 256 --dtypes bf16 \
+    --paths int4 >> "$OUT/parity.jsonl" 2>> "$LOG" || stamp "int4 parity failed: exit $?"
+  CKPT=$(mktemp -d)
+  timeout 150 $PY scripts/load_memory.py make "$CKPT" --mini-layers "${INT8_LAYERS:-32}" --dtype bfloat16 2>> "$LOG" \
+    && timeout 90 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int4 >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
+    || stamp "int4 memory failed: exit $?"
+  rm -rf "$CKPT"
 fi
 stamp done

@@ -44,12 +44,13 @@ def test_bench_script_prints_every_measurement(tmp_path):
 
 def test_parity_script_reports_both_dtypes():
     """On a tied, grouped-query config: both models must share every weight, the head included."""
-    done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro-tied", "--seq-len", "16"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro-tied", "--seq-len", "16",
+                           "--paths", "eager", "compiled", "int8", "int4"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = {(r["dtype"], r["path"]): r for r in map(json.loads, done.stdout.splitlines())}
-    assert set(rows) == {(d, p) for d in ("fp32", "bf16") for p in ("eager", "compiled", "int8")}
+    assert set(rows) == {(d, p) for d in ("fp32", "bf16") for p in ("eager", "compiled", "int8", "int4")}
     assert rows[("fp32", "int8")]["top1_agreement"] > 0.5 and rows[("fp32", "int8")]["max_abs_diff"] > 0  # reported
+    assert rows[("fp32", "int4")]["max_abs_diff"] > rows[("fp32", "int8")]["max_abs_diff"]  # 4 bits move logits more
     for path in ("eager", "compiled"):
         fp32, bf16 = rows[("fp32", path)], rows[("bf16", path)]
         assert fp32["max_abs_diff"] < 1e-3 and fp32["top1_agreement"] == 1.0
