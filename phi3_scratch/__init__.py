@@ -6,7 +6,7 @@
 
 Read in this order: config.py, rotary.py, model.py, cache.py, generation.py, loading.py, then
 tokenizer.py (bpe.py for Phi-4) and cli.py (the `phi3-scratch` command); family.py holds the six
-published configs, quantize.py int8 weights, notebook.py the teaching notebook's transformers names.
+published configs, quantize.py int8 and int4 weights, notebook.py the teaching notebook's transformers names.
 """
 
 from .cache import KVCache

@@ -134,7 +134,7 @@ def say_memory(args, folder) -> None:
     if size > 2**30:
         hint = "; --dtype bf16 halves it" if dtype == torch.float32 else ""
         if not config.quantization:
-            hint += ("; " if not hint else ", ") + ("--quantize int8 takes about a quarter of fp32, int4 a seventh "
+            hint += ("; " if not hint else ", ") + ("--quantize int8 takes about a quarter of fp32, int4 a sixth "
                                                     "(fastest with --compile)")
         log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} on the CPU{hint}")
 

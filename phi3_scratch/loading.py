@@ -234,16 +234,18 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
+            # Floating point becomes the model's dtype; a saved quantized model's integers stay as they are.
+            want = dtype if name in to_quantize else model.get_parameter(name).dtype
+            want = dtype if want.is_floating_point else want
+            if tensor.is_floating_point() != want.is_floating_point or (not want.is_floating_point and tensor.dtype != want):
+                quantization = f" (quantization: {saved})" if saved else ""
+                raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json{quantization} "
+                                f"implies {want}")
             if name in to_quantize:  # quantized on the device; the full-precision matrix goes at once
                 module_name = name.removesuffix(".weight")
                 model.get_submodule(module_name).set_weight(tensor.to(device=device, dtype=dtype))
                 loaded.update(f"{module_name}.{p}" for p, _ in model.get_submodule(module_name).named_parameters())
             else:
-                want = model.get_parameter(name).dtype  # a saved quantized model's integers stay integers
-                want = dtype if want.is_floating_point else want
-                if tensor.is_floating_point() != want.is_floating_point or (not want.is_floating_point and tensor.dtype != want):
-                    raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json "
-                                    f"(quantization: {saved}) implies {want}")
                 set_parameter(model, name, tensor.to(device=device, dtype=want))
             del tensor  # on a GPU load: the host copy goes now
             loaded.add(name)

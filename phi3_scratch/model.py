@@ -91,7 +91,7 @@ class Phi3ForCausalLM(nn.Module):
                 f"max_len must be in 1..max_position_embeddings={self.config.max_position_embeddings}, "
                 f"got {max_len}"
             )
-        weight = self.model.embed_tokens.weight  # the model's dtype (an int8 head's is not)
+        weight = self.model.embed_tokens.weight  # the model's dtype (a quantized head's is not)
         c = self.config
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
                        dtype=weight.dtype, device=weight.device, static=static)
@@ -102,7 +102,8 @@ class Phi3ForCausalLM(nn.Module):
                         attention: str = "eager", quantize: str | None = None) -> "Phi3ForCausalLM":
         """Load a checkpoint (a local folder, a Hugging Face repo id, or "tiny"); see loading.py.
 
-        quantize="int8": int8 weights, one scale per output channel (quantize.py)."""
+        quantize="int8": int8 weights, one scale per output channel; "int4": 4-bit weights, a scale and
+        an offset per group of 128 inputs (quantize.py)."""
         from .loading import load_model
 
         return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress, attention=attention,

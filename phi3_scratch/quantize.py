@@ -21,8 +21,8 @@ a group of 128 has narrower extremes and its own offset. Inside a group, byte j 
 unpacked by two bitwise operations and no interleaving.
 
 Compiled (`compile=True`), a decode step's one-row products become reduction kernels that read
-the packed matrix and convert each entry as they go: a step reads a quarter (int8) or an eighth
-(int4) of fp32's bytes. Run eagerly, torch converts the whole matrix first, so quantization saves
+the packed matrix and convert each entry as they go: a step reads about a quarter (int8) or a
+seventh (int4, its scales and offsets included) of fp32's bytes. Run eagerly, torch converts the whole matrix first, so quantization saves
 memory there, not time. The embedding stays in the model's dtype (a decode step reads one row of
 it), and so do the norms. A quantized model is saved (`save_pretrained`) with its integer weights,
 scales (and offsets) and a "quantization" entry in config.json, and loads back as it was saved.
@@ -80,6 +80,9 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
+        if in_features % GROUP:
+            raise Phi3Error(f"int4 quantizes groups of {GROUP} inputs; in_features {in_features} "
+                            f"is not a multiple of {GROUP}")
         self.in_features, self.out_features = in_features, out_features
         groups = in_features // GROUP
         self.weight = nn.Parameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
@@ -90,15 +93,18 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, groups = self.scale.shape
         packed = self.weight.view(out, groups, GROUP // 2)  # byte j of a group: inputs j and 64 + j
-        low, high = packed & 15, packed >> 4  # (out, groups, 64) each, 0..15
+        # n of each group's inputs 0..63 (the low 4 bits) and 64..127 (the high 4 bits): (out, groups, 64) each
+        first_half, second_half = packed & 15, packed >> 4
         scale, offset = self.scale[..., None], self.offset[..., None]  # (out, groups, 1)
         if one_row_compiled(x):
-            halves = x.reshape(groups, 2, GROUP // 2).float()  # each group's first and second 64 inputs
-            w_low = low.float() * scale.float() + offset.float()  # (out, groups, 64)
-            w_high = high.float() * scale.float() + offset.float()
-            y = (halves[:, 0] * w_low + halves[:, 1] * w_high).sum((-2, -1))  # (out,): one pass over the bytes
+            # The weights are rebuilt in fp32 inside the reduction, never stored (the eager path
+            # below rounds them to x's dtype first: in bf16 the two differ by that rounding).
+            x_halves = x.reshape(groups, 2, GROUP // 2).float()  # each group's inputs 0..63 and 64..127
+            w_first = first_half.float() * scale.float() + offset.float()  # (out, groups, 64)
+            w_second = second_half.float() * scale.float() + offset.float()
+            y = (x_halves[:, 0] * w_first + x_halves[:, 1] * w_second).sum((-2, -1))  # (out,): one pass over the bytes
             return y.to(x.dtype).view(*x.shape[:-1], out)
-        n = torch.cat([low, high], dim=-1).to(x.dtype)  # (out, groups, 128): inputs 0..127 of each group
+        n = torch.cat([first_half, second_half], dim=-1).to(x.dtype)  # (out, groups, 128), 0..15
         w = torch.addcmul(offset, n, scale)  # offset + n * scale, in one pass over the matrix
         return F.linear(x, w.view(out, self.in_features))
 
@@ -121,13 +127,13 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed uint8 weight (out, in / 2), scale, offset (out, in / 128)) of a weight matrix (out, in)."""
     out, n_in = w.shape
-    groups = w.float().view(out, n_in // GROUP, GROUP)  # (out, groups, 128)
-    low, high = groups.amin(-1), groups.amax(-1)  # (out, groups)
+    grouped = w.float().view(out, n_in // GROUP, GROUP)  # (out, groups, 128)
+    w_min, w_max = grouped.amin(-1), grouped.amax(-1)  # (out, groups)
     # Rounded to the model's dtype first, so that the numbers below are chosen for the scale and
-    # offset that will be stored.
-    offset = low.to(w.dtype)
-    scale = ((high - low) / 15).clamp(min=1e-12).to(w.dtype)  # a constant group keeps a tiny scale
-    n = torch.round((groups - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    # offset that will be stored. A constant group keeps the smallest positive scale of the dtype.
+    offset = w_min.to(w.dtype)
+    scale = ((w_max - w_min) / 15).to(w.dtype).clamp(min=torch.finfo(w.dtype).tiny)
+    n = torch.round((grouped - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
     packed = n[..., : GROUP // 2] | (n[..., GROUP // 2 :] << 4)  # (out, groups, 64): inputs j and 64 + j
     return packed.view(out, n_in // 2), scale, offset
 
@@ -151,10 +157,10 @@ def swap_in(model, name: str, method: str, dtype: torch.dtype) -> tuple[nn.Modul
     """Replace the module `name` by an empty quantized one of its shape, on its device; (old, new)."""
     parent, _, attr = name.rpartition(".")
     old = model.get_submodule(name)
-    if method == "int4" and old.in_features % GROUP:
-        raise Phi3Error(f"int4 quantizes groups of {GROUP} inputs; {name} has {old.in_features} inputs, "
-                        f"not a multiple of {GROUP}")
-    new = LINEAR[method](old.in_features, old.out_features, dtype=dtype, device=old.weight.device)
+    try:
+        new = LINEAR[method](old.in_features, old.out_features, dtype=dtype, device=old.weight.device)
+    except Phi3Error as e:  # a width int4 cannot group: say which matrix
+        raise Phi3Error(f"{name}: {e}") from None
     setattr(model.get_submodule(parent) if parent else model, attr, new)
     return old, new
 

@@ -99,7 +99,7 @@ def measure(folder: Path, naive: bool, device: str = "cpu", quantize: str | None
     peak = _status("VmHWM") - before
     with torch.no_grad():
         model(torch.randint(0, model.config.vocab_size, (1, 8), device=device))
-        if cuda and quantize:  # the target for int8: the whole of generation, KV cache included, from nothing
+        if cuda and quantize:  # int8's target (int4 reported): the whole of generation, KV cache included, from nothing
             p3.generate(model, torch.randint(0, model.config.vocab_size, (1, 32), device=device), 100, eos_token_id=[])
             row.update(peak_gpu_generating_bytes=torch.cuda.max_memory_allocated() - gpu_before)
     if not cuda:

@@ -49,6 +49,7 @@ def test_parity_script_reports_both_dtypes():
     assert done.returncode == 0, done.stderr
     rows = {(r["dtype"], r["path"]): r for r in map(json.loads, done.stdout.splitlines())}
     assert set(rows) == {(d, p) for d in ("fp32", "bf16") for p in ("eager", "compiled", "int8", "int4")}
+    assert not [row for row in rows.values() if "error" in row]  # a failed path prints a row with its error
     assert rows[("fp32", "int8")]["top1_agreement"] > 0.5 and rows[("fp32", "int8")]["max_abs_diff"] > 0  # reported
     assert rows[("fp32", "int4")]["max_abs_diff"] > rows[("fp32", "int8")]["max_abs_diff"]  # 4 bits move logits more
     for path in ("eager", "compiled"):

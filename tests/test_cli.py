@@ -406,7 +406,7 @@ def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
     args = cli.build_parser().parse_args(["arch", "--model", str(tmp_path), "--device", "cpu"])
     cli.say_memory(args, tmp_path)
     assert "the weights take 15.3 GB of memory in float32 on the CPU; --dtype bf16 halves it, " \
-        "--quantize int8 takes about a quarter of fp32, int4 a seventh (fastest with --compile)" in capsys.readouterr().err
+        "--quantize int8 takes about a quarter of fp32, int4 a sixth (fastest with --compile)" in capsys.readouterr().err
     args.dtype = "bf16"
     cli.say_memory(args, tmp_path)
     assert "7.6 GB of memory in bfloat16 on the CPU; --quantize int8" in capsys.readouterr().err

@@ -48,6 +48,28 @@ def test_quantize_int4_packs_two_numbers_a_byte_in_groups_of_128():
     assert (rebuilt[2, 1] == 5.0).all()  # a constant group comes back exactly
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_multiplies_by_the_rebuilt_weights(dtype):
+    """Int4Linear(x) is x @ w^T for w = n * scale + offset, rebuilt from the packed bytes by hand;
+    also for an all-zero row and a group of negative weights only."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 2 * GROUP)
+    w[3] = 0.0
+    w[4, :GROUP] = -w[4, :GROUP].abs() - 1
+    layer = Int4Linear(2 * GROUP, 5, dtype=dtype)
+    layer.set_weight(w.to(dtype))
+    packed = layer.weight.view(5, 2, GROUP // 2).long()
+    n = torch.cat([packed % 16, packed // 16], -1).double()  # (5, 2, 128): inputs 0..63, then 64..127
+    rebuilt = (n * layer.scale.double()[..., None] + layer.offset.double()[..., None]).view(5, 2 * GROUP)
+    assert (rebuilt[3] == 0).all() and (rebuilt[4, :GROUP] < 0).all()
+    assert ((rebuilt - w.to(dtype).double()).abs().view(5, 2, GROUP) <= layer.scale.double()[..., None] / 2 * 1.001).all()
+    for shape in [(1, 1, 2 * GROUP), (3, 2 * GROUP), (2, 4, 2 * GROUP)]:
+        x = torch.randn(shape).to(dtype)
+        expected = x.double() @ rebuilt.T
+        tolerance = 1e-4 if dtype == torch.float32 else 0.01 * expected.abs().max().item()  # bf16: its rounding
+        assert (layer(x).double() - expected).abs().max() <= tolerance
+
+
 @pytest.mark.parametrize("method, linear, agree_at_least, diff_at_most", [
     ("int8", Int8Linear, 0.95, 0.05), ("int4", Int4Linear, 0.75, 0.25)])
 def test_quantized_logits_stay_close_to_full_precision(corpus_ids, report, method, linear, agree_at_least,
@@ -83,7 +105,7 @@ def test_a_saved_quantized_checkpoint_reloads_to_the_same_logits(tmp_path, corpu
     with torch.no_grad():
         assert torch.equal(again(corpus_ids), quantized(corpus_ids))
     full_size = (p3.loading.TINY / "model.safetensors").stat().st_size
-    # fp32 -> int8 + scales: 0.32 of the file; int4 + scales and offsets: 0.25 (the fp32 embedding stays)
+    # fp32 -> int8 + scales: 0.35 of the file; int4 + scales and offsets: 0.25 (the fp32 embedding stays)
     assert (tmp_path / "model.safetensors").stat().st_size < size_at_most * full_size
     assert p3.generate(again, corpus_ids[:, :8], 12, eos_token_id=[]).tolist() == \
         p3.generate(quantized, corpus_ids[:, :8], 12, eos_token_id=[]).tolist()
@@ -161,9 +183,19 @@ def test_quantize_errors(tmp_path, checkpoints):
         p3.Phi3ForCausalLM.from_pretrained(tmp_path / "int8")
     # int4's groups of 128 inputs: a matrix of another width is refused, by name
     folder, _ = checkpoints("Phi-3-mini-4k-instruct")  # hidden_size 64
-    with pytest.raises(p3.Phi3Error, match="int4 quantizes groups of 128 inputs; model.layers.0.self_attn.qkv_proj "
-                                           "has 64 inputs, not a multiple of 128"):
+    with pytest.raises(p3.Phi3Error, match="model.layers.0.self_attn.qkv_proj: int4 quantizes groups of 128 inputs; "
+                                           "in_features 64 is not a multiple of 128"):
         p3.Phi3ForCausalLM.from_pretrained(folder, quantize="int4")
+    # a full-precision checkpoint with one matrix stored as integers: refused, not quantized as numbers
+    folder = tmp_path / "full"
+    p3.Phi3ForCausalLM.from_pretrained("tiny").save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].to(torch.int8)
+    save_file(tensors, folder / "model.safetensors")
+    for quantize in (None, "int8", "int4"):
+        with pytest.raises(p3.Phi3Error, match=r"tensor 'model.layers.0.mlp.down_proj.weight' has dtype torch.int8, "
+                                               r"but config.json implies torch.float32"):
+            p3.Phi3ForCausalLM.from_pretrained(folder, quantize=quantize)
 
 
 @pytest.mark.parametrize("method, line, size", [
@@ -174,9 +206,8 @@ def test_cli_quantize_flag(capsys, method, line, size):
 
     assert main(["generate", "What is RMSNorm?", "--chat", "--model", "tiny", "--quantize", method, "-n", "12"]) == 0
     out, err = capsys.readouterr()
-    assert out and "loaded 1,049,728 parameters" in err and f"{method} matrices" in err
-    if method == "int8":
-        assert out.startswith("RMSNorm")  # the corpus answer survives int8
+    assert "loaded 1,049,728 parameters" in err and f"{method} matrices" in err
+    assert out.startswith("RMSNorm")  # the corpus answer begins as it does in float32
     assert main(["arch", "--model", "microsoft/Phi-3-mini-4k-instruct", "--quantize", method]) == 0
     out = capsys.readouterr().out
     assert line in out and "total                                3,821,079,552" in out and size in out
