@@ -207,8 +207,11 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
             use_quantized_modules(model, quantize, dtype)
     to_quantize = {f"{name}.weight" for name in quantized_names(model)} if quantize and not saved else set()
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
-    for name in to_quantize:  # the file holds the full matrix (out, in), whatever the packing
-        module = model.get_submodule(name.removesuffix(".weight"))
+    for name in to_quantize:  # the file holds the full matrix (out, in), not the quantized module's tensors
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name)
+        for param_name, _ in module.named_parameters():
+            del expected[f"{module_name}.{param_name}"]
         expected[name] = (module.out_features, module.in_features)
     loaded: set[str] = set()
     total = len(expected)
@@ -242,9 +245,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                 raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json{quantization} "
                                 f"implies {want}")
             if name in to_quantize:  # quantized on the device; the full-precision matrix goes at once
-                module_name = name.removesuffix(".weight")
-                model.get_submodule(module_name).set_weight(tensor.to(device=device, dtype=dtype))
-                loaded.update(f"{module_name}.{p}" for p, _ in model.get_submodule(module_name).named_parameters())
+                model.get_submodule(name.removesuffix(".weight")).set_weight(tensor.to(device=device, dtype=dtype))
             else:
                 set_parameter(model, name, tensor.to(device=device, dtype=want))
             del tensor  # on a GPU load: the host copy goes now

@@ -89,7 +89,13 @@ def test_quantized_logits_stay_close_to_full_precision(corpus_ids, report, metho
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantizing_while_loading_equals_quantizing_after(corpus_ids, method):
-    loaded = p3.Phi3ForCausalLM.from_pretrained("tiny", quantize=method)
+    from safetensors import safe_open
+
+    calls = []
+    loaded = p3.Phi3ForCausalLM.from_pretrained("tiny", quantize=method, progress=lambda *done: calls.append(done))
+    with safe_open(p3.loading.TINY / "model.safetensors", framework="pt") as f:
+        in_file = len(list(f.keys()))
+    assert calls[-1] == (in_file, in_file)  # the progress counts the file's tensors, not the quantized ones
     after = quantize_model(p3.Phi3ForCausalLM.from_pretrained("tiny"), method)
     with torch.no_grad():
         assert torch.equal(loaded(corpus_ids), after(corpus_ids))
