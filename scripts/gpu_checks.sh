@@ -5,21 +5,22 @@
 #                profile, ending with where a compiled step's time goes (the loop, the step alone,
 #                its kernels and the idle gaps between them). Stopped by its timeout, it still
 #                reports the runs it finished (but no profile).           ~6-7 min (4 compilations)
-#   int8_memory  the whole Phi-3-mini loaded as int8, generating 100 tokens (target: <= 4.3 GB)
+#   int8_memory  the whole Phi-3-mini loaded as int8, generating 100 tokens (target: <= 4.3 GB);
+#                then the same checkpoint loaded as int4 (reported)
 #   load_memory  peak GPU memory and host memory while loading a bf16 checkpoint onto the GPU
 #                                                          these two: ~2 min
 #   parity       full-size parity against transformers' eager attention, fp32 then bf16: eager,
 #                compiled, int8 and the bf16-weights yardstick (two compilations) ~3 min
 #   attention    the compiled step with torch's fused attention against the written-out one
 #                (a lead for the compiled step's speed)                   ~2-3 min
-#   int4         compiled int4 against compiled int8 (same run), the whole Phi-3-mini loaded as
-#                int4 and generating, and int4's parity at full size      ~5 min
+#   int4         compiled int4 against compiled int8 (same run) and int4's parity at full size
+#                (its memory is measured by int8_memory)                  ~3-4 min
 # With no argument it runs them all, more than one 10-minute device call holds. With 15 device
 # minutes a session, in this order, as many calls as the time allows:
 #   bash scripts/gpu_checks.sh bench                       (timeout_s 560)
 #   bash scripts/gpu_checks.sh int8_memory load_memory     (timeout_s 360)
 #   bash scripts/gpu_checks.sh parity attention            (timeout_s 480)
-#   bash scripts/gpu_checks.sh int4                        (timeout_s 480)
+#   bash scripts/gpu_checks.sh int4                        (timeout_s 300)
 # Under $OUT (the device tool brings back at most 8 files): bench.jsonl, BENCHMARKS.md, profile.txt,
 # load_memory.jsonl, parity.jsonl, attention.jsonl, int4.jsonl and log.txt (card, versions, timeline,
 # stderr).
@@ -52,6 +53,8 @@ if wanted int8_memory; then
   timeout 150 $PY scripts/load_memory.py make "$CKPT" --mini-layers "${INT8_LAYERS:-32}" --dtype bfloat16 2>> "$LOG" \
     && timeout 90 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int8 >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
     || stamp "int8_memory failed: exit $?"
+  [ -f "$CKPT/config.json" ] && { timeout 60 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int4 \
+    >> "$OUT/load_memory.jsonl" 2>> "$LOG" || stamp "int4 memory failed: exit $?"; }
   rm -rf "$CKPT"
 fi
 if wanted load_memory; then
@@ -80,10 +83,5 @@ if wanted int4; then
     || stamp "int4 bench failed: exit $?"
   timeout 60 $PY scripts/parity.py --config "$CONFIG" --device "$DEVICE" --seq-len 256 --dtypes bf16 \
     --paths int4 >> "$OUT/parity.jsonl" 2>> "$LOG" || stamp "int4 parity failed: exit $?"
-  CKPT=$(mktemp -d)
-  timeout 150 $PY scripts/load_memory.py make "$CKPT" --mini-layers "${INT8_LAYERS:-32}" --dtype bfloat16 2>> "$LOG" \
-    && timeout 90 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int4 >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
-    || stamp "int4 memory failed: exit $?"
-  rm -rf "$CKPT"
 fi
 stamp done
