@@ -146,10 +146,10 @@ def variant(ours, name: str):
     int8 or int4 (quantize.py) or in bf16."""
     import dataclasses
 
-    from phi3_scratch.quantize import quantize_model
+    from phi3_scratch.quantize import METHODS, quantize_model
 
     method = name.rpartition("-")[2]  # "int8", "int4", "bf16" or another part of the name
-    if method not in ("int8", "int4", "bf16"):
+    if method not in (*METHODS, "bf16"):
         return ours
     dtype = torch.bfloat16 if method == "bf16" else ours.model.embed_tokens.weight.dtype
     device = ours.model.embed_tokens.weight.device

@@ -23,6 +23,7 @@ import torch
 
 import phi3_scratch as p3
 from phi3_scratch.benchmark import MINI  # Phi-3-mini-4k-instruct's shape; `make --mini-layers N` keeps N layers
+from phi3_scratch.quantize import METHODS
 
 SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
@@ -119,7 +120,7 @@ def main() -> None:
     ms.add_argument("folder", type=Path)
     ms.add_argument("--naive", action="store_true")
     ms.add_argument("--device", default="cpu")
-    ms.add_argument("--quantize", choices=["int8", "int4"], help="quantize while loading (quantize.py)")
+    ms.add_argument("--quantize", choices=METHODS, help="quantize while loading (quantize.py)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.folder, getattr(torch, args.dtype), args.mini_layers)

@@ -29,7 +29,7 @@ import traceback
 import torch
 
 from phi3_scratch.benchmark import build, variant
-from phi3_scratch.quantize import quantized_names
+from phi3_scratch.quantize import METHODS, quantized_names
 
 import phi3_scratch as p3
 from phi3_scratch import compiled
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--paths", nargs="*", default=["eager", "compiled", "int8"],
-                        choices=["eager", "compiled", "int8", "int4", "bf16-weights"])
+                        choices=["eager", "compiled", *METHODS, "bf16-weights"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import phi3_scratch as p3
-from phi3_scratch.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_model
+from phi3_scratch.quantize import GROUP, LINEAR, Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_model
 
 from .conftest import train_tiny
 
@@ -145,7 +145,7 @@ def test_compiled_one_row_product_equals_the_eager_one(method):
 
 
 def quantized_layer(method: str, w: torch.Tensor):
-    layer = {"int8": Int8Linear, "int4": Int4Linear}[method](w.shape[1], w.shape[0])
+    layer = LINEAR[method](w.shape[1], w.shape[0])
     layer.set_weight(w)
     return layer
 
