@@ -9,7 +9,8 @@
 
 data/family.json holds each model's config.json fields that this project reads (in the official
 on-disk format, see config.py) and its stop ids from generation_config.json, transcribed from the
-published files. With it, a model's shape is known without a download: `phi3-scratch arch`
+published files (phi-4 publishes no list: its stop id is config.json's eos; Phi-4-mini's list is
+[200020, 199999], <|end|> and <|endoftext|>). With it, a model's shape is known without a download: `phi3-scratch arch`
 prints Phi-3-mini's module tree and sizes offline, the benchmark builds random weights of a real
 shape, and the tests scale each config down into a parity checkpoint.
 """
