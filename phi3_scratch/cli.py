@@ -512,7 +512,8 @@ def build_parser() -> Parser:
     gen = Parser(add_help=False)
     gen.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 is greedy; the default is greedy, or 1.0 when --top-k, --top-p or --seed is given")
     gen.add_argument("--top-k", type=positive_int, default=None, help="sample (with --temperature) among the k likeliest")
     gen.add_argument("--top-p", type=float, default=None, help="sample (with --temperature) within probability p")
     gen.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
@@ -586,16 +587,19 @@ def main(argv: list[str] | None = None) -> int:
         if "prompt" in args and args.prompt is not None and not args.prompt.strip():
             raise Phi3Error("PROMPT is empty: give some text to continue")
         if "temperature" in args:
+            given, args.temperature = args.temperature, 0.0 if args.temperature is None else args.temperature
             try:
                 check_sampling(args.temperature, args.top_k, args.top_p)
             except Phi3Error as e:  # "top_p must be ..." -> "--top-p must be ..."
                 raise Phi3Error("--" + str(e).replace("_", "-", 1).replace(" or None", "")) from None
             sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
                         if value is not None]
-            if sampling and args.temperature == 0:
-                log(f"note: {', '.join(sampling)} only matter when sampling, and --temperature is 0 (greedy): "
-                    "sampling with --temperature 1.0")
+            if sampling and given is None:
+                log(f"note: {', '.join(sampling)} only matter when sampling: sampling with --temperature 1.0")
                 args.temperature = 1.0
+            elif sampling and given == 0:
+                log(f"note: --temperature 0 is greedy, which ignores {', '.join(sampling)}")
+                args.top_k = args.top_p = args.seed = None
         if getattr(args, "tolerance", None) is not None and not 0 < args.tolerance < float("inf"):
             raise Phi3Error(f"--tolerance must be a positive number, got {args.tolerance}")
         check_device(args.device)

@@ -16,6 +16,7 @@ compile=True the decode steps run the same forward compiled (compiled.py).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -60,6 +61,11 @@ def stream_tokens(
         if not bool(attention_mask[:, -1].all()):
             raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
     check_sampling(temperature, top_k, top_p, seed)
+    ignored = [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
+               if value is not None]
+    if temperature == 0 and ignored:
+        warnings.warn(f"{', '.join(ignored)}: only sampling uses them, and temperature=0 is greedy decoding; "
+                      "give a temperature > 0 to sample", stacklevel=3)
     if compile and not use_cache:
         raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -68,6 +74,8 @@ def stream_tokens(
     pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
 
     seq = input_ids.long()  # (B, T), and attention_mask (B, T) with it: one column longer a step
+    # Columns of padding every row has: LongRoPE counts the longest row's real tokens, not the width.
+    padding = 0 if attention_mask is None else T - int(attention_mask.sum(1).max())
     cache = decoder = None
     if use_cache and compile:
         cache = static_cache(model, B, T + max_new_tokens)
@@ -96,18 +104,18 @@ def stream_tokens(
         seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
         if attention_mask is not None:  # (B, T + step + 1): the new token is real
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        logits = next_logits(model, seq, cache, attention_mask, decoder)  # (B, V)
+        logits = next_logits(model, seq, cache, attention_mask, decoder, padding)  # (B, V)
 
 
-def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None) -> torch.Tensor:
+def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None, padding: int = 0) -> torch.Tensor:
     """Logits for the token after `seq` (B, L), whose positions but the last the cache holds: (B, V).
 
     One decode step, for generate and the Stepper alike. decoder: a compiled.CompiledDecoder, which
-    runs the step compiled.
+    runs the step compiled. padding: the columns of left padding that every row has.
     """
     if cache is None:
         return last_logits(model, seq, None, attention_mask)  # the whole sequence again
-    if crosses_longrope_switch(model.config, seq.shape[1]):
+    if crosses_longrope_switch(model.config, seq.shape[1] - padding):
         # The cached keys were rotated with the short factors. Now that the sequence is longer
         # than the original context, every key must use the long factors: start over with one
         # forward over the whole sequence, as transformers' generate does.
@@ -170,7 +178,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, t
 
 def crosses_longrope_switch(config, seq_len: int) -> bool:
     """True at the one step where a sequence that the cache holds up to seq_len - 1 positions first
-    passes LongRoPE's original context: seq_len - 1 <= original_max < seq_len."""
+    passes LongRoPE's original context: seq_len - 1 <= original_max < seq_len. seq_len counts the
+    longest row's real tokens (rotary.py chooses the factors from the largest position)."""
     return config.rope_type == "longrope" and seq_len == config.original_max_position_embeddings + 1
 
 

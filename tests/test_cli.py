@@ -362,6 +362,12 @@ def test_sampling_flags_without_temperature_sample_at_1(tiny, capsys):
     assert implied == explicit
 
 
+def test_explicit_temperature_0_is_greedy_and_says_it_ignores_the_sampling_flags(tiny, capsys):
+    code, out, err = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--seed", 3, "--temperature", 0)
+    assert code == 0 and "--temperature 0 is greedy, which ignores --seed" in err
+    assert out == run(capsys, "generate", "The", "--model", tiny, "-n", 25)[1]
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])

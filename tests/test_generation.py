@@ -1,5 +1,6 @@
 """Greedy generation: same tokens as transformers' generate, with and without the cache."""
 
+import copy
 import shutil
 
 import pytest
@@ -135,6 +136,29 @@ def test_left_padded_batch_across_the_longrope_switch_matches_transformers(check
     batch = p3.generate(model, ids, 10, eos_token_id=[], attention_mask=mask)
     assert torch.equal(batch, hf_generate(hf, ids, 10, eos=[], mask=mask))
     assert torch.equal(p3.generate(model, ids, 10, use_cache=False, eos_token_id=[], attention_mask=mask), batch)
+
+
+def test_longrope_switch_follows_the_longest_real_row_not_the_padded_width(checkpoints):
+    """LongRoPE quirk with every row left-padded: the factors switch when the longest row's real tokens
+    pass original_max, later than the padded width does; the cache is rebuilt at that step, so cached,
+    uncached and compiled generation give the tokens of transformers' uncached generate."""
+    folder, hf = checkpoints("tiny-longrope")
+    model, hf = p3.Phi3ForCausalLM.from_pretrained(folder), copy.deepcopy(hf)
+    with torch.no_grad():  # 3x the weights: attention sharp enough that stale rotations change tokens
+        for name, weight in model.named_parameters():
+            for w in (weight, hf.get_parameter(name)):
+                w.mul_(3)
+    torch.manual_seed(7)
+    ids = torch.randint(3, 256, (2, SMALL_ORIGINAL_MAX - 3))
+    mask = torch.ones_like(ids)
+    mask[0, :3], mask[1, :20] = 0, 0  # no row is unpadded: the longest has 26 real tokens
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[],
+                               pad_token_id=0, use_cache=False)
+    uncached = p3.generate(model, ids, 12, use_cache=False, eos_token_id=[], attention_mask=mask)
+    assert torch.equal(uncached, expected)
+    assert torch.equal(p3.generate(model, ids, 12, eos_token_id=[], attention_mask=mask), expected)
+    assert torch.equal(p3.generate(model, ids, 12, eos_token_id=[], attention_mask=mask, compile=True), expected)
 
 
 def test_stream_yields_before_computing_the_next_step(checkpoints, monkeypatch):

@@ -58,3 +58,11 @@ def test_bad_sampling_arguments():
         p3.generation.check_sampling(1.0, 0, None)
     with pytest.raises(p3.Phi3Error, match=r"top_p must be in \(0, 1\] or None, got 1.5"):
         p3.generation.check_sampling(1.0, None, 1.5)
+
+
+def test_sampling_arguments_with_temperature_0_are_ignored_with_a_warning(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids = torch.randint(3, 256, (1, 4))
+    with pytest.warns(UserWarning, match=r"top_k=50, seed=7: only sampling uses them, and temperature=0 is greedy"):
+        tokens = p3.generate(model, ids, 20, eos_token_id=[], top_k=50, seed=7)
+    assert torch.equal(tokens, p3.generate(model, ids, 20, eos_token_id=[]))
