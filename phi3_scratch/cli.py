@@ -320,8 +320,14 @@ def bench_vs_transformers(args) -> None:
     """phi3_scratch.benchmark on this model's checkpoint: ours and transformers', side by side."""
     from . import benchmark
 
+    chosen = [flag for flag, given in (("--quantize", args.quantize), ("--attention", args.attention != "eager"),
+                                       ("--compile", args.compile)) if given]
+    if chosen:
+        raise Phi3Error(f"bench --vs-transformers times every variant itself (this model eager, sdpa, compiled, int8 "
+                        f"and compiled int8; transformers' eager, sdpa and compiled): drop {', '.join(chosen)}")
     folder = model_folder(args)
-    tokens = len(encode_prompt(Tokenizer.from_pretrained(folder), args.prompt, args.chat, "cpu")[0])
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or folder)
+    tokens = len(encode_prompt(tokenizer, args.prompt, args.chat, "cpu")[0])
     argv = ["--checkpoint", str(folder), "--device", args.device, "--runs", str(args.runs),
             "--new-tokens", str(args.max_new_tokens), "--prompt-len", str(tokens), "--prefill", *map(str, args.prefill)]
     if args.dtype:
@@ -435,6 +441,9 @@ def cmd_attention(args) -> None:
     config = model_config(args)  # --layer and --head are checked before the weights load
     if layer != "all" and layer >= config.num_hidden_layers:
         raise Phi3Error(f"--layer {layer}: the model has {config.num_hidden_layers} layers, 0..{config.num_hidden_layers - 1}")
+    if args.head is not None and layer == "all":
+        raise Phi3Error("--head goes with one layer: --layer all draws every layer's heads averaged; "
+                        "give --layer N to see one head")
     if args.head is not None and not 0 <= args.head < config.num_attention_heads:
         raise Phi3Error(f"--head {args.head}: the model has {config.num_attention_heads} heads a layer, "
                         f"0..{config.num_attention_heads - 1}")

@@ -112,6 +112,16 @@ def test_bench_vs_transformers_prints_json_for_both(tiny, capsys):
     assert f"a random prompt of {prompt} tokens" in out and all(r["config"] == str(tiny) for r in rows)
 
 
+def test_bench_vs_transformers_takes_the_tokenizer_flag(tiny, capsys, tmp_path):
+    """A checkpoint saved without its tokenizer, as every command does, takes --tokenizer."""
+    p3.Phi3ForCausalLM.from_pretrained(tiny).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "bench", "The KV cache", "--model", tmp_path, "--tokenizer", "tiny",
+                         "--vs-transformers", "--max-new-tokens", 2, "--runs", 1, "--prefill")
+    assert code == 0, err
+    prompt = len(Tokenizer.from_pretrained(tiny).encode("The KV cache"))
+    assert f"a random prompt of {prompt} tokens" in out
+
+
 def test_generate_with_compile_or_sdpa_prints_the_eager_text(tiny, capsys):
     args = ["generate", "What does generate do?", "--model", tiny, "--max-new-tokens", 20]
     eager = run(capsys, *args)[1]
@@ -468,6 +478,12 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     assert code == 1 and err == "error: --layer 9: the model has 4 layers, 0..3\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "1", "--head", "4")
     assert code == 1 and err == "error: --head 4: the model has 4 heads a layer, 0..3\n"
+    code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "all", "--head", "1")
+    assert code == 1 and err.startswith("error: --head goes with one layer: --layer all draws")
+    monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))
+    code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers", "--quantize", "int8", "--compile")
+    assert code == 1 and err.startswith("error: bench --vs-transformers times every variant itself") and \
+        err.endswith("drop --quantize, --compile\n")
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "cuda")
         assert code == 1 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and "--device cpu" in err
