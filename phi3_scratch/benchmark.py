@@ -5,9 +5,10 @@
     python scripts/bench.py --checkpoint /path/to/Phi-3-mini-4k-instruct --device cuda
     phi3-scratch bench --vs-transformers --model tiny            # the same, on a CLI model
 
-One set of random weights at the config's real shape (weight values do not change the cost of a
-forward pass) is built once, in transformers' Phi3ForCausalLM; phi3_scratch's model is given the
-very same tensors (no copy), so both read the same memory. Then, alternating between the
+With --config, one set of random weights at the config's real shape (weight values do not change
+the cost of a forward pass) is built once, in transformers' Phi3ForCausalLM; phi3_scratch's model
+is given the very same tensors (no copy), so both read the same memory. With --checkpoint each
+library loads the files itself (two copies in memory). Then, alternating between the
 implementations on every run:
 
     first_token       batch 1, a prompt of --prompt-len tokens, one new token (the prefill)
@@ -344,7 +345,8 @@ def decode_figures(median: float, first: float | None, tokens: int, step_bytes: 
     One decode step takes out the prefill: (median - first) / (tokens - 1). On a busy machine that
     difference of two medians can come out at zero or below; the step columns are then None
     rather than a negative time. The bandwidth limit (only on a GPU) is what a device-to-device
-    copy moves, reads and writes counted (docs/PERFORMANCE.md: 7.64 GB / ~4.3 TB/s on an H200).
+    copy moves, reads and writes counted (the development workspace's PERFORMANCE.md: 7.64 GB /
+    ~4.3 TB/s on an H200).
     End to end counts the prefill's time too; per step does not.
     """
     step = (median - first) / (tokens - 1) if first is not None and tokens > 1 else None

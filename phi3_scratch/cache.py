@@ -10,7 +10,8 @@ Everything is allocated once, at its final size, and filled left to right:
     values[layer] (batch, kv_heads, max_len, head_dim)
     length        how many positions are filled; slots [length, max_len) are unused
 
-so in a debugger `cache.keys[0][0, :, :cache.length]` is exactly what layer 0 attends over.
+so in a debugger `cache.keys[0][0, :, :cache.length]` holds every key layer 0 can attend over
+(the mask then applies the sliding window and any padding).
 
 A static cache (`static=True`, what `compile=True` uses) is the same cache with fixed shapes, so
 that one compiled decode step serves every token: `length` is a tensor on the device rather than

@@ -5,7 +5,7 @@
     arch               the module tree, parameters per part, weight and KV-cache memory
     next-token PROMPT  run the body, then the head: the top-k candidates for the next token
     bench PROMPT       the same generation timed with and without the KV cache
-    tour               all of the above in order, each with a one-line explanation
+    tour               generate, arch, next-token and bench in order, each with a one-line explanation
     step PROMPT        decode one token at a time, choosing among the top-k yourself
     lens PROMPT        the logit lens: what each layer would predict if it were the last
     attention PROMPT   the attention probabilities as a heatmap (PNG; needs matplotlib)

@@ -33,7 +33,7 @@ def _family() -> dict:
 
 
 def repo_ids() -> list[str]:
-    """The six repo ids, smallest family member first, as listed above."""
+    """The six repo ids, in the order listed above (family.json's)."""
     return list(_family())
 
 

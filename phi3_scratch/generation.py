@@ -11,7 +11,8 @@ candidates, and a seed makes the draw reproducible.
 breakpoint inside it to watch the cache fill, or on Phi3ForCausalLM.forward, which every prefill
 and decode step calls); `generate` collects what it yields. The input is checked once, before
 the loop; a decode step then reads one value back from the device, the stop flag. With
-compile=True the decode steps run the same forward compiled (compiled.py).
+compile=True the decode steps run the same forward compiled (compiled.py), where no Python
+breakpoint stops: debug with the default, eager.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ if wanted attention; then
 fi
 if wanted int4; then
   stamp int4
-  timeout 150 $PY scripts/bench.py --config "$CONFIG" --device "$DEVICE" --runs 3 --prefill --transformers eager \
+  timeout 200 $PY scripts/bench.py --config "$CONFIG" --device "$DEVICE" --runs 3 --prefill --transformers eager \
     --ours phi3_scratch-compiled-int8 phi3_scratch-compiled-int4 > "$OUT/int4.jsonl" 2>> "$LOG" \
     || stamp "int4 bench failed: exit $?"
   timeout 60 $PY scripts/parity.py --config "$CONFIG" --device "$DEVICE" --seq-len 256 --dtypes bf16 \
