@@ -510,7 +510,8 @@ def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL, help=f"folder, repo id or 'tiny' (default {DEFAULT_MODEL})")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
+    common.add_argument("--dtype", default=None,
+                        help="bf16, fp16 or fp32 (default: the checkpoint's dtype on a GPU, bf16 for Phi-3; fp32 on the CPU)")
     common.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
                         help="eager: written out step by step (default); sdpa: torch's fused kernel")
     common.add_argument("--quantize", default=None, choices=METHODS,
