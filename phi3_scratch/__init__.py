@@ -4,9 +4,10 @@
     model = p3.Phi3ForCausalLM.from_pretrained("microsoft/Phi-3-mini-4k-instruct")
     out = p3.generate(model, input_ids, max_new_tokens=200)
 
-Read in this order: config.py, rotary.py, model.py, cache.py, generation.py, loading.py, then
-tokenizer.py (bpe.py for Phi-4) and cli.py (the `phi3-scratch` command); family.py holds the six
-published configs, quantize.py int8 and int4 weights, notebook.py the teaching notebook's transformers names.
+Read in this order (docs/WALKTHROUGH.md's): config.py, model.py, rotary.py, cache.py,
+generation.py, loading.py, then tokenizer.py (bpe.py for Phi-4) and cli.py (the `phi3-scratch`
+command); family.py holds the six published configs, quantize.py int8 and int4 weights,
+notebook.py the teaching notebook's transformers names.
 """
 
 from .cache import KVCache
