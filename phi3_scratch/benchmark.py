@@ -240,9 +240,10 @@ def main(argv: list[str] | None = None) -> None:
             return lambda: p3.generate(model, prompt, n, use_cache=use_cache, eos_token_id=[], compile=compile)
         options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=use_cache, pad_token_id=0)
-        if name == "transformers-compiled":
+        if name == "transformers-compiled":  # one cache length for every call, so no call recompiles for it
             return lambda: with_compiled_forward(model, device, lambda: model.generate(
-                prompt, cache_implementation="static", disable_compile=True, **options))
+                prompt, cache_implementation="static", max_cache_len=prompt.shape[1] + args.new_tokens,
+                disable_compile=True, **options))
         return lambda: model.generate(prompt, **options)
 
     def prefill(model, length):
