@@ -49,6 +49,7 @@ class KVCache:
         # static only: False at the prompt's padding slots, True elsewhere (B, max_len)
         self.real = torch.ones(batch_size, max_len, dtype=torch.bool, device=device) if static else None
         self.in_use = False  # static only: an open compile=True stream is writing into it
+        self.padded = False  # dynamic only: a checked call filled it with left padding (model.check_inputs)
         if static:
             for t in [*self.keys, *self.values, self.length, self.real]:
                 # A compiled step (a CUDA graph on a GPU) reads and writes these in place: their
@@ -59,11 +60,12 @@ class KVCache:
         """Raise a clear error before a forward pass that would not fit in this cache."""
         if batch_size != self.batch_size:
             raise Phi3Error(f"input batch size {batch_size} does not match the cache's batch size {self.batch_size}")
-        if self.static:
-            return  # its length is on the device: the caller sized it for the whole generation
-        if self.length + new_tokens > self.max_len:
+        # A static cache's length is on the device: reading it waits for the GPU, which only a
+        # checked call (a user's, not generate's decode steps) pays.
+        length = int(self.length) if self.static else self.length
+        if length + new_tokens > self.max_len:
             raise Phi3Error(
-                f"KV cache full: it holds {self.length} of max_len={self.max_len} positions and "
+                f"KV cache full: it holds {length} of max_len={self.max_len} positions and "
                 f"{new_tokens} more were given; make a larger cache with model.new_cache(max_len=...)"
             )
 
@@ -98,7 +100,7 @@ class KVCache:
         if self.static:
             self.length.zero_()
         else:
-            self.length = 0
+            self.length, self.padded = 0, False
 
     def __repr__(self) -> str:
         b, h, n, d = self.keys[0].shape

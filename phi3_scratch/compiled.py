@@ -66,7 +66,7 @@ def static_cache(model, batch_size: int, needed: int) -> KVCache:
         held.keys[0].dtype == weight.dtype and held.keys[0].device == weight.device
     if not fits or held.in_use:  # too small, another kind, or in use by an open stream
         held = model.new_cache(batch_size, max_len=max_len, static=True)
-        object.__setattr__(model, "_static_cache", held)  # a plain attribute, not a submodule or buffer
+        model._static_cache = held  # a KVCache is no Module or tensor: a plain attribute, not in the state dict
     held.reset()
     return held
 

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Phi3Error
 from .quantize import METHODS
 
 ROPE_TYPES = ("default", "longrope")
-ROPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # older 128k checkpoints say "su"; transformers maps both
+# Older 128k checkpoints say "su"; transformers' Phi3Config maps "yarn" to longrope too (in Phi-3
+# checkpoints it never meant YaRN's own formula).
+ROPE_ALIASES = {"su": "longrope", "yarn": "longrope"}
 
 
 @dataclass
@@ -49,13 +51,15 @@ class Phi3Config:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 32000
     pad_token_id: int | None = 32000
-    stop_token_ids: list[int] = field(default_factory=list)  # what generate() stops at
+    stop_token_ids: list[int] | None = None  # what generate() stops at; None: eos_token_id's
     torch_dtype: str | None = None  # the weights' dtype as config.json names it ("bfloat16"), if it does
     quantization: str | None = None  # "int8" or "int4" for a checkpoint saved quantized (quantize.py)
     source: str = "<in memory>"  # the file this config was read from, for error messages
 
     def __post_init__(self):
         self.rope_type = ROPE_ALIASES.get(self.rope_type, self.rope_type)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = _as_id_list(self.eos_token_id)
         self.validate()
 
     @property
@@ -96,7 +100,7 @@ class Phi3Config:
         if self.rope_type not in ROPE_TYPES:
             raise Phi3Error(
                 f"{where}: unknown rope type {self.rope_type!r}; expected one of "
-                f"{list(ROPE_TYPES)} (or the alias 'su' for longrope)"
+                f"{list(ROPE_TYPES)} (or the aliases 'su' and 'yarn' for longrope)"
             )
         if self.hidden_size % self.num_attention_heads:
             raise Phi3Error(
@@ -187,7 +191,8 @@ class Phi3Config:
             raise Phi3Error(f"config {source}: required field {e.args[0]!r} is missing") from None
 
     def to_dict(self) -> dict:
-        """config.json in the official on-disk format: from_dict(to_dict()) gives this config back."""
+        """config.json in the official on-disk format: from_dict(to_dict()) gives this config back, but for
+        stop_token_ids (save_pretrained writes them to generation_config.json) and source."""
         d = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu"}
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings",

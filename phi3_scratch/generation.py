@@ -109,7 +109,8 @@ def stream_tokens(
 
 
 def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None, padding: int = 0) -> torch.Tensor:
-    """Logits for the token after `seq` (B, L), whose positions but the last the cache holds: (B, V).
+    """Logits (B, V) for the token after `seq` (B, L). The cache holds positions 0..L-2, so only
+    seq[:, -1] runs (without a cache, all of seq).
 
     One decode step, for generate and the Stepper alike. decoder: a compiled.CompiledDecoder, which
     runs the step compiled. padding: the columns of left padding that every row has.
@@ -128,11 +129,8 @@ def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None, p
 
 
 def last_logits(model, input_ids, cache, attention_mask) -> torch.Tensor:
-    """The model's forward for the next token only: logits at the last position, (B, V).
-
-    Inputs checked once by the caller: check=False. Only the last position predicts the next
-    token; logits at every position of a long prompt would cost T x V numbers (6 GB in bf16 for
-    100k tokens of Phi-3's 32064-word vocabulary)."""
+    """The model's forward for the next token only: logits at the last position, (B, V)
+    (logits_to_keep=1, see Phi3ForCausalLM.forward). Inputs checked once by the caller: check=False."""
     return model(input_ids, cache, attention_mask, logits_to_keep=1, check=False)[:, -1]
 
 
@@ -145,7 +143,7 @@ def stop_id_list(eos_token_id) -> list[int]:
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None) -> None:
     number = (int, float)
-    if not isinstance(temperature, number) or not temperature >= 0:
+    if not isinstance(temperature, number) or not temperature >= 0:  # "not x >= 0" also refuses NaN
         raise Phi3Error(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise Phi3Error(f"top_k must be a positive integer or None, got {top_k!r}")

@@ -238,8 +238,8 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                 except (SafetensorError, OSError) as e:
                     raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
             # Floating point becomes the model's dtype; a saved quantized model's integers stay as they are.
-            kept = model.get_parameter(name).dtype  # the meta model's: int8 or uint8 where integers go
-            want = kept if name not in to_quantize and not kept.is_floating_point else dtype
+            meta_dtype = model.get_parameter(name).dtype  # the meta model's: int8 or uint8 where integers go
+            want = dtype if meta_dtype.is_floating_point or name in to_quantize else meta_dtype
             if tensor.dtype != want and not (tensor.is_floating_point() and want.is_floating_point):
                 quantization = f" (quantization: {saved})" if saved else ""
                 raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json{quantization} "

@@ -62,6 +62,8 @@ class Phi3ForCausalLM(nn.Module):
         would cost T x V numbers (6 GB in bf16 for 100k tokens of Phi-3's 32064-word vocabulary).
         check=False skips the input checks: generate validated its input once, before its loop.
         """
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise Phi3Error(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
         hidden = self.model(input_ids, cache, attention_mask, check)  # (B, T, H)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # (B, n, H)
@@ -294,6 +296,9 @@ def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention
                 raise Phi3Error("a static cache keeps its own padding mask (cache.real); pass attention_mask=None")
             return
         past = cache.length
+        if attention_mask is None and cache.padded:
+            raise Phi3Error(f"the cache holds a left-padded batch: pass attention_mask of shape (batch, cached + new) "
+                            f"= {(B, past + T)} on every call, or the padded keys would be attended to")
     if past + T > config.max_position_embeddings:
         raise Phi3Error(
             f"sequence of {past + T} positions ({past} cached + {T} new) is longer than the "
@@ -301,6 +306,8 @@ def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention
         )
     if attention_mask is not None:
         check_attention_mask(attention_mask, (B, past + T), "(batch, cached + new tokens)")
+        if cache is not None:  # remember padding: a later call without the mask would not see it
+            cache.padded = cache.padded or not bool(attention_mask.bool().all())
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
@@ -357,14 +364,14 @@ def positions_and_mask(slots: torch.Tensor, S: int, real: torch.Tensor | None, w
     """
     if real is None:
         real = torch.ones(B, S, dtype=torch.bool, device=slots.device)
-    real = real[:, :S].bool()  # (B, S)
+    real = real.bool()  # (B, S)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)  # (B, T)
     q, k = slots[:, None], torch.arange(S, device=slots.device)[None, :]  # (T, 1), (1, S)
     allowed = k <= q  # (T, S)
     if window is not None:
         allowed = allowed & (k > q - window)
     allowed = allowed[None] & real[:, None, :]  # (B, T, S): padded keys are never seen
-    zeros = torch.zeros(allowed.shape, device=slots.device)
+    zeros = torch.zeros(allowed.shape, dtype=torch.float32, device=slots.device)
     return positions, zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)  # (B, T), (B, T, S)
 
 
@@ -401,6 +408,8 @@ def sdpa_attention(q, k, v, mask, trace=None) -> torch.Tensor:
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, nH, S, hd): head h reads kv head h // groups
         v = v.repeat_interleave(groups, dim=1)
+    # Half the dtype's most negative number: score + mask stays finite in fp16 (-65504 plus a negative
+    # score would be -inf, and a row with every key masked would give NaN).
     mask = mask[:, None].clamp(min=torch.finfo(q.dtype).min / 2).to(q.dtype)  # (B, 1, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nH, T, hd)
 

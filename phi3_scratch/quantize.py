@@ -119,9 +119,11 @@ class Int4Linear(nn.Module):
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, scale) of a weight matrix (out, in): symmetric, one scale per row."""
     w32 = w.float()
-    scale = w32.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,); an all-zero row keeps a tiny scale
-    q = torch.round(w32 / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
-    return q, scale.to(w.dtype)
+    # Rounded to the model's dtype first, so that q is chosen for the scale that will be stored. An
+    # all-zero row keeps the smallest positive scale of the dtype (and q = 0).
+    scale = (w32.abs().amax(dim=1) / 127).to(w.dtype).clamp(min=torch.finfo(w.dtype).tiny)  # (out,)
+    q = torch.round(w32 / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,7 +194,9 @@ def save_pretrained(model, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    d = config.to_dict()
+    d["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")  # as saved, not as loaded
+    (folder / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     generation = {"eos_token_id": config.stop_token_ids, "bos_token_id": config.bos_token_id,
                   "pad_token_id": config.pad_token_id}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -11,7 +11,7 @@ interleaved neighbours:
 
 Default RoPE has ext = 1. LongRoPE (the 128k models) stretches the frequencies with ext =
 short_factor while the sequence fits in original_max_position_embeddings, and with ext =
-long_factor once the largest position in the forward call goes past it; it also scales cos and sin
+long_factor once the forward call's largest position + 1 (its sequence length) exceeds it; it also scales cos and sin
 by an attention factor, with both factor sets. Default RoPE is here LongRoPE with factors of 1 and
 an attention factor of 1, so one code path serves both.
 
@@ -74,7 +74,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rotary_dim): the same angles for every head
     rotary_dim = cos.shape[-1]
-    if rotary_dim == x.shape[-1]:  # every channel rotates (all but Phi-4-mini)
+    if rotary_dim == x.shape[-1]:  # every channel rotates (all but Phi-4-mini): no slice and cat to copy
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin  # (B, heads, T, rotary_dim)

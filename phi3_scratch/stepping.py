@@ -49,13 +49,14 @@ class StepRecord:
 
 class Stepper:
     def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_new_tokens: int = 256):
-        ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device).long()
+        ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device)  # checked below, then made long
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1:
             raise Phi3Error(f"prompt_ids must be one sequence (a list, a 1-D tensor or shape (1, T)), got shape {tuple(ids.shape)}")
         ids = ids[None]  # (1, T)
-        check_input_ids(ids, model.config.vocab_size)
+        check_input_ids(ids, model.config.vocab_size)  # integers in the vocabulary: 1.7 is refused, not cut to 1
+        ids = ids.long()
         for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise Phi3Error(f"{name} must be a positive integer, got {value!r}")

@@ -8,13 +8,15 @@
 Recorded per forward call (a later call inside the block replaces the earlier values):
     embed, positions, mask (the additive fp32 mask), final_norm, logits (through Phi3ForCausalLM)
     layers.{i}.input_norm   the normed input of the attention              (B, T, H)
-    layers.{i}.q / k / v    after rotary, new positions only            (B, heads, T, hd)
+    layers.{i}.q            after rotary, new positions only                (B, nH, T, hd)
+    layers.{i}.k / v        k after rotary, v as computed, new positions   (B, nKV, T, hd)
     layers.{i}.attn_probs   softmax(q k^T / sqrt(hd) + mask)                (B, nH, T, S)
     layers.{i}.attn_out     the attention's output, after o_proj              (B, T, H)
     layers.{i}.attn_residual, post_attn_norm, mlp_out, residual (the layer's output)
-When no trace is active the only cost is one `is None` test per layer. `trace(model, only=...)`
-keeps just the names listed (attention probabilities are T x T per head: a long prompt makes them
-the largest thing in memory).
+When no trace is active the only cost is a few `is None` tests per layer. `trace(model, only=...)`
+keeps just the names listed, as bare names kept in every layer (`{"attn_probs"}`, not
+"layers.3.attn_probs"); attention probabilities are T x S per head: a long prompt makes them the
+largest thing in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from .errors import Phi3Error
 from .model import Phi3ForCausalLM
 
+MODEL_NAMES = ("embed", "positions", "mask", "final_norm", "logits")
 LAYER_NAMES = ("input_norm", "q", "k", "v", "attn_probs", "attn_out", "attn_residual", "post_attn_norm",
                "mlp_out", "residual")
 
@@ -44,7 +47,7 @@ class Records(dict):
 
 
 class Trace(Records):
-    """The records of one forward pass. Model-level names (embed, mask, final_norm, logits) live in
+    """The records of one forward pass. Model-level names (embed, positions, mask, final_norm, logits) live in
     the dict itself, layer i's in `layers[i]`; `t["layers.3.q"]`, `"layers.3.q" in t`, `t.get(...)`
     and `t.flat()` (everything, in forward order) read both."""
 
@@ -85,6 +88,13 @@ class Trace(Records):
 def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
     """Record the intermediates of every forward pass run inside the `with` block (only the names
     in `only`, when given). Traces nest: an inner block hands the outer one back when it ends."""
+    if only is not None:
+        known = {*MODEL_NAMES, *LAYER_NAMES}
+        if isinstance(only, str) or not set(only) <= known:
+            unknown = [only] if isinstance(only, str) else sorted(set(only) - known, key=str)
+            raise Phi3Error(f"trace(only=...): {unknown} are not names a trace records; expected a set of bare "
+                            f"names (a layer's are kept in every layer) from {sorted(known)}")
+        only = set(only)
     body = model.model
     outer, body.trace = body.trace, Trace(len(body.layers), only)
     try:

@@ -109,3 +109,18 @@ def test_config_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(p3.Phi3Error, match="config.json is not valid JSON"):
         p3.Phi3Config.from_pretrained(tmp_path)
+
+
+def test_a_config_built_in_code_stops_at_its_eos():
+    """Stop tokens: without a generation_config.json list, generation stops at config.json's eos."""
+    config = p3.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                           original_max_position_embeddings=16, eos_token_id=5)
+    assert config.stop_token_ids == [5]
+    assert dataclasses.replace(config, stop_token_ids=[5, 7]).stop_token_ids == [5, 7]
+
+
+def test_a_saved_model_says_the_dtype_it_was_saved_in(tmp_path):
+    model = p3.Phi3ForCausalLM.from_pretrained("tiny", dtype="bf16")  # the tiny model ships in float32
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"

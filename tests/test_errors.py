@@ -263,3 +263,48 @@ def test_tied_checkpoint_that_also_stores_the_head(checkpoints, tmp_path):
     model = p3.Phi3ForCausalLM.from_pretrained(tmp_path, progress=lambda done, total: seen.append((done, total)))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert seen[-1][0] == seen[-1][1]  # the progress count reaches its total
+
+
+def test_a_cache_filled_with_padding_needs_the_mask_on_every_call(checkpoints):
+    """Without the mask, the next call would attend to the padded keys and shift every position."""
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids, mask = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    cache = model.new_cache(2, max_len=8)
+    model(ids, cache, mask)
+    with pytest.raises(p3.Phi3Error, match=r"the cache holds a left-padded batch: pass attention_mask of shape "
+                                           r"\(batch, cached \+ new\) = \(2, 5\) on every call"):
+        model(torch.tensor([[11], [12]]), cache)
+    grown = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    assert model(torch.tensor([[11], [12]]), cache, grown).shape == (2, 1, model.config.vocab_size)
+    cache.reset()  # an emptied cache forgets the padding; refilled without any, it needs no mask
+    model(ids, cache, torch.ones_like(mask))
+    assert model(torch.tensor([[11], [12]]), cache).shape == (2, 1, model.config.vocab_size)
+
+
+def test_a_static_cache_that_is_full_says_so(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    cache = model.new_cache(1, max_len=4, static=True)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache)
+        with pytest.raises(p3.Phi3Error, match=r"KV cache full: it holds 3 of max_len=4 positions and 2 more were given"):
+            model(torch.tensor([[4, 5]]), cache)
+
+
+@pytest.mark.parametrize("keep", [-1, 1.5])
+def test_logits_to_keep_must_be_a_count(checkpoints, keep):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    with pytest.raises(p3.Phi3Error, match=rf"logits_to_keep must be an integer >= 0 \(0 keeps every position\), got {keep}"):
+        model(torch.tensor([[1, 2, 3]]), logits_to_keep=keep)
+
+
+def test_trace_only_takes_the_names_a_trace_records(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    with pytest.raises(p3.Phi3Error, match=r"trace\(only=...\): \['layers.0.q'\] are not names a trace records"):
+        with p3.trace(model, only={"layers.0.q"}):
+            pass
+
+
+def test_stepper_refuses_fractional_ids(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    with pytest.raises(p3.Phi3Error, match="input_ids must hold integer token ids, got dtype torch.float32"):
+        p3.Stepper(model, [1.7, 2.2])
