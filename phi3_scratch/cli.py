@@ -464,6 +464,10 @@ def cmd_compare(args) -> None:
         import transformers
     except ImportError:
         raise Phi3Error("compare runs transformers beside this model: pip install transformers") from None
+    saved = model_config(args).quantization
+    if saved:  # transformers would read the integers as weights and drop the scales
+        raise Phi3Error(f"compare: {args.model} is a checkpoint saved {saved}, which transformers cannot read; "
+                        f"compare the full-precision checkpoint it came from, with --quantize {saved}")
     model, tokenizer = load(args)
     weight = model.model.embed_tokens.weight
     log(f"loading transformers' Phi3ForCausalLM (eager attention) from the same folder, {weight.dtype}")

@@ -58,9 +58,9 @@ class Phi3Config:
 
     def __post_init__(self):
         self.rope_type = ROPE_ALIASES.get(self.rope_type, self.rope_type)
+        self.validate()
         if self.stop_token_ids is None:
             self.stop_token_ids = _as_id_list(self.eos_token_id)
-        self.validate()
 
     @property
     def head_dim(self) -> int:
@@ -129,8 +129,19 @@ class Phi3Config:
         if self.quantization is not None and self.quantization not in METHODS:
             raise Phi3Error(f"{where}: quantization must be null or {' or '.join(map(repr, METHODS))}, "
                             f"got {self.quantization!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+        if self.sliding_window is not None and not (_is_count(self.sliding_window) and self.sliding_window >= 1):
             raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise Phi3Error(f"{where}: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("rope_short_factor", "rope_long_factor"):
+            factors = getattr(self, name) or []
+            if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
+                raise Phi3Error(f"{where}: longrope {name.removeprefix('rope_')} must hold positive numbers, "
+                                f"got {factors!r:.100}")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not (_is_count(value) or isinstance(value, list) and all(map(_is_count, value))):
+                raise Phi3Error(f"{where}: {name} must be null, a token id or a list of token ids, got {value!r:.100}")
 
     # ----------------------------------------------------------------------------- reading
 
@@ -152,6 +163,9 @@ class Phi3Config:
         # transformers 5 nests the rope settings in rope_parameters; the official format keeps
         # rope_theta at the top and puts the longrope factors in rope_scaling (null for default).
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            name = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+            raise Phi3Error(f"config {source}: {name} must be null or an object, got {rope!r:.100}")
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         try:
             return cls(
@@ -216,10 +230,18 @@ class Phi3Config:
         if not path.is_file():
             raise Phi3Error(f"{path} not found: a Phi-3 checkpoint folder must contain config.json")
         config = cls.from_dict(read_json(path), source=str(path))
-        stop_ids = _as_id_list(read_json(folder / "generation_config.json", {}).get("eos_token_id"))
-        if stop_ids:
-            config.stop_token_ids = stop_ids
+        generation = folder / "generation_config.json"
+        stop_ids = read_json(generation, {}).get("eos_token_id")
+        if stop_ids is not None and not (_is_count(stop_ids) or isinstance(stop_ids, list) and all(map(_is_count, stop_ids))):
+            raise Phi3Error(f"{generation}: eos_token_id must be a token id or a list of token ids, got {stop_ids!r:.100}")
+        if _as_id_list(stop_ids):
+            config.stop_token_ids = _as_id_list(stop_ids)
         return config
+
+
+def _is_count(value) -> bool:
+    """An integer >= 0 (a token id, a window), and not a bool (True would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _as_id_list(ids: int | list[int] | None) -> list[int]:

@@ -61,6 +61,9 @@ def stream_tokens(
         check_attention_mask(attention_mask, (B, T), "the shape of input_ids")
         if not bool(attention_mask[:, -1].all()):
             raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
+    elif B > 1 and config.pad_token_id is not None and bool((input_ids[:, 0] == config.pad_token_id).any()):
+        warnings.warn(f"input_ids: a row starts with the pad id {config.pad_token_id} and no attention_mask was "
+                      "given, so padding is read as text; pass attention_mask (1 real token, 0 padding)", stacklevel=3)
     check_sampling(temperature, top_k, top_p, seed)
     ignored = [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
                if value is not None]
@@ -71,6 +74,10 @@ def stream_tokens(
         raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
     stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)
+    outside = [i for i in stop_ids if not 0 <= i < config.vocab_size]
+    if outside:  # no token could ever match: generation would never stop
+        where = "eos_token_id" if eos_token_id is not None else "the model's stop ids (config.stop_token_ids)"
+        raise Phi3Error(f"{where}: {outside} outside the vocabulary, 0..{config.vocab_size - 1}")
     stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
 

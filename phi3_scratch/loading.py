@@ -134,8 +134,8 @@ def weight_files(folder: Path) -> list[str]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise Phi3Error(f"{index} is not a safetensors index (expected a 'weight_map'): {e}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: a JSON list, not an object
+            raise Phi3Error(f"{index} is not a safetensors index (expected an object with a 'weight_map'): {e}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise Phi3Error(f"{index}: weight_map must map tensor names to shard file names, got {weight_map!r:.200}")
         files = sorted(set(weight_map.values()))
@@ -224,6 +224,8 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                 continue  # some exports store the tied head too; the embedding is used
             if name not in expected:
                 raise Phi3Error(f"{path}: unexpected tensor {name!r}, which a Phi-3 model with this config does not have")
+            if name in loaded:  # which copy is meant? refuse rather than let the later file win
+                raise Phi3Error(f"{path}: tensor {name!r} was already loaded from another file of this checkpoint")
             # The file is opened (memory-mapped) again for each tensor: once the tensor is on the
             # GPU, closing the file takes its pages out of this process, so host memory holds
             # about one tensor at a time, not a whole shard.

@@ -334,6 +334,14 @@ def test_compare_command_prints_the_table(tiny, capsys):
     assert code == 1 and "<-- first above" in out and "this model's matrices are int8" in err
 
 
+def test_compare_refuses_a_checkpoint_saved_quantized(tiny, capsys, tmp_path):
+    """transformers would read its integers as weights and drop the scales: a table of garbage."""
+    p3.Phi3ForCausalLM.from_pretrained(tiny, quantize="int8").save_pretrained(tmp_path)
+    code, out, err = run(capsys, "compare", "--model", tmp_path, "--tokenizer", "tiny")
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: compare: {tmp_path} is a checkpoint saved int8, which transformers cannot read")
+
+
 def test_step_stops_when_there_is_no_room_left(tiny, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": "")  # always Enter
     code, out, _ = run(capsys, "step", "The model", "--model", tiny, "--max-new-tokens", 2)

@@ -205,6 +205,17 @@ def test_dtype_choice(folder):
     assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
 
+def test_stop_ids_outside_the_vocabulary(checkpoints, tmp_path):
+    """Stop tokens that no token can match: generation would silently never stop."""
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(p3.Phi3Error, match=r"eos_token_id: \[99999\] outside the vocabulary, 0..255"):
+        p3.generate(model, ids, 5, eos_token_id=99999)
+    model.config.stop_token_ids = [2, -1]
+    with pytest.raises(p3.Phi3Error, match=r"the model's stop ids \(config.stop_token_ids\): \[-1\] outside"):
+        p3.generate(model, ids, 5)
+
+
 def test_bad_attention_mask_stop_ids_and_sampling_arguments(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     ids = torch.ones(2, 3, dtype=torch.long)
@@ -240,6 +251,13 @@ def test_device_that_is_not_cpu_or_cuda(folder):
         ("hidden_size", "64", "hidden_size must be a positive integer, got '64'"),
         ("sliding_window", "8", "sliding_window must be null or an integer >= 1, got '8'"),
         ("num_key_value_heads", 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+        ("sliding_window", True, "sliding_window must be null or an integer >= 1, got True"),
+        ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+        ("eos_token_id", "2", "eos_token_id must be null, a token id or a list of token ids, got '2'"),
+        ("pad_token_id", -1, "pad_token_id must be null, a token id or a list of token ids, got -1"),
+        ("rope_parameters", "longrope", "rope_parameters must be null or an object, got 'longrope'"),
+        ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": ["a"] * 8,
+                             "long_factor": [1.0] * 8}, r"longrope short_factor must hold positive numbers, got \['a'"),
     ],
 )
 def test_config_values_are_checked(folder, field, value, message):
@@ -308,3 +326,19 @@ def test_stepper_refuses_fractional_ids(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     with pytest.raises(p3.Phi3Error, match="input_ids must hold integer token ids, got dtype torch.float32"):
         p3.Stepper(model, [1.7, 2.2])
+
+
+def test_a_tensor_in_two_shards_is_refused(folder):
+    """Which copy is meant? The later file silently winning would load whichever came last."""
+    shards = sorted(folder.glob("*.safetensors"))
+    first, second = load_file(shards[0]), load_file(shards[1])
+    name = next(iter(first))
+    save_file({**second, name: torch.zeros_like(first[name])}, shards[1])
+    with pytest.raises(p3.Phi3Error, match=f"tensor '{name}' was already loaded from another file of this checkpoint"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_an_index_that_is_no_object(folder):
+    (folder / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(p3.Phi3Error, match="is not a safetensors index \\(expected an object with a 'weight_map'\\)"):
+        p3.Phi3ForCausalLM.from_pretrained(folder)

@@ -161,6 +161,14 @@ def test_longrope_switch_follows_the_longest_real_row_not_the_padded_width(check
     assert torch.equal(p3.generate(model, ids, 12, eos_token_id=[], attention_mask=mask, compile=True), expected)
 
 
+def test_a_padded_batch_without_its_mask_is_warned_about(checkpoints):
+    folder, _ = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])  # pad_token_id 0
+    with pytest.warns(UserWarning, match="input_ids: a row starts with the pad id 0 and no attention_mask was given"):
+        p3.generate(model, ids, 3, eos_token_id=[])
+
+
 def test_stream_yields_before_computing_the_next_step(checkpoints, monkeypatch):
     folder, _ = checkpoints("tiny-window")
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
