@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         if "temperature" in args:
             given, args.temperature = args.temperature, 0.0 if args.temperature is None else args.temperature
             try:
-                check_sampling(args.temperature, args.top_k, args.top_p)
+                check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
             except Phi3Error as e:  # "top_p must be ..." -> "--top-p must be ..."
                 raise Phi3Error("--" + str(e).replace("_", "-", 1).replace(" or None", "")) from None
             sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))

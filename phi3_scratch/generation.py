@@ -24,7 +24,7 @@ import torch
 
 from .compiled import CompiledDecoder, static_cache
 from .errors import Phi3Error
-from .model import Phi3ForCausalLM, check_attention_mask, check_input_ids
+from .model import Phi3ForCausalLM, check_attention_mask, check_input_ids, check_on_device
 
 
 @torch.inference_mode()
@@ -50,6 +50,7 @@ def stream_tokens(
     """
     config = model.config
     B, T = check_input_ids(input_ids, config.vocab_size)
+    check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if T + max_new_tokens > config.max_position_embeddings:
@@ -149,15 +150,16 @@ def stop_id_list(eos_token_id) -> list[int]:
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None) -> None:
-    number = (int, float)
-    if not isinstance(temperature, number) or not temperature >= 0:  # "not x >= 0" also refuses NaN
-        raise Phi3Error(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    integer = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    if not number(temperature) or not 0 <= temperature < float("inf"):  # "not" also refuses NaN
+        raise Phi3Error(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not integer(top_k) or top_k < 1):
         raise Phi3Error(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, number) or not 0 < top_p <= 1):
+    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
         raise Phi3Error(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if seed is not None and not isinstance(seed, int):
-        raise Phi3Error(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and (not integer(seed) or not 0 <= seed < 2**64):
+        raise Phi3Error(f"seed must be an integer in 0..2**64 - 1 (torch's generator seeds) or None, got {seed!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -167,7 +169,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, t
     top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens whose
     probabilities add up to at least p (the most likely token always stays).
     """
-    logits = logits.float() / temperature  # (B, V)
+    logits = logits.float()
+    # Largest logit 0 first: the same softmax, and a tiny temperature overflows to -inf, never to inf - inf.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # (B, V)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))

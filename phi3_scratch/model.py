@@ -139,7 +139,7 @@ class Phi3Model(nn.Module):
         check: bool = True,
     ) -> torch.Tensor:
         if check:
-            check_inputs(self.config, input_ids, cache, attention_mask)
+            check_inputs(self.config, input_ids, cache, attention_mask, self.embed_tokens.weight)
         B, T = input_ids.shape
         device = input_ids.device
         if cache is None:
@@ -280,7 +280,7 @@ class Phi3MLP(nn.Module):
 # --------------------------------------------------------------------- checks, at the edge
 
 
-def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention_mask) -> None:
+def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention_mask, weight: torch.Tensor) -> None:
     """Refuse input the model cannot run, with the reason: once per public call, never per decode step.
 
     Checking the id range and the mask's values reads a few numbers back from the device: on a GPU
@@ -288,8 +288,10 @@ def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention
     the embedding. generate pays it once, before its loop, and then calls forward with check=False.
     """
     B, T = check_input_ids(input_ids, config.vocab_size)
+    check_on_device(weight.device, input_ids=input_ids, attention_mask=attention_mask)
     past = 0
     if cache is not None:
+        check_cache(cache, config, weight)
         cache.check_room(B, T)
         if cache.static:
             if attention_mask is not None:
@@ -310,16 +312,36 @@ def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention
             cache.padded = cache.padded or not bool(attention_mask.bool().all())
 
 
+def check_on_device(device: torch.device, **tensors) -> None:
+    """Each tensor given (None: not given) on the model's device, or an error saying where to move it."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise Phi3Error(f"{name} is on {t.device} but the model is on {device}: move it with .to({str(device)!r})")
+
+
+def check_cache(cache, config: Phi3Config, weight: torch.Tensor) -> None:
+    """A KVCache made for this model: its layers, kv heads, head size, dtype and device."""
+    if not isinstance(cache, KVCache):
+        raise Phi3Error(f"cache must be a KVCache (model.new_cache(batch_size, max_len=...)), got {type(cache).__name__}")
+    keys = cache.keys[0]
+    have = (len(cache.keys), keys.shape[1], keys.shape[3], str(keys.dtype), str(keys.device))
+    want = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, str(weight.dtype), str(weight.device))
+    if have != want:
+        fields = "(layers, kv heads, head size, dtype, device)"
+        raise Phi3Error(f"the cache does not fit this model: its {fields} are {have}, the model's {want}; "
+                        f"make it with model.new_cache(batch_size, max_len=...)")
+
+
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
     """(B, T) of a 2-D tensor of ids in the vocabulary; a Phi3Error saying what is wrong otherwise."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise Phi3Error(f"input_ids must be a 2-D LongTensor (batch, tokens), got {shape}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:  # before the dtype: torch.tensor([[]]) is a float tensor
+        raise Phi3Error(f"input_ids is empty: shape {(B, T)}; give at least one token per row")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise Phi3Error(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    B, T = input_ids.shape
-    if B == 0 or T == 0:
-        raise Phi3Error(f"input_ids is empty: shape {(B, T)}; give at least one token per row")
     lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read from the device for both
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi

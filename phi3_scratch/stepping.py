@@ -49,7 +49,15 @@ class StepRecord:
 
 class Stepper:
     def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_new_tokens: int = 256):
-        ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device)  # checked below, then made long
+        if isinstance(prompt_ids, str):
+            raise Phi3Error("prompt_ids must be token ids, not text: encode it first, tokenizer.encode(text)")
+        if tokenizer is not None and not hasattr(tokenizer, "id_to_piece"):
+            raise Phi3Error(f"tokenizer must be a p3.Tokenizer (p3.Tokenizer.from_pretrained(...)) or None, "
+                            f"got {type(tokenizer).__name__}")
+        try:
+            ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device)  # checked below, then made long
+        except (TypeError, ValueError) as e:  # ragged lists, odd objects
+            raise Phi3Error(f"prompt_ids must be a list of token ids or a tensor: {e}") from None
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1:
@@ -58,7 +66,7 @@ class Stepper:
         check_input_ids(ids, model.config.vocab_size)  # integers in the vocabulary: 1.7 is refused, not cut to 1
         ids = ids.long()
         for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise Phi3Error(f"{name} must be a positive integer, got {value!r}")
         if ids.shape[1] >= model.config.max_position_embeddings:
             raise Phi3Error(f"the prompt has {ids.shape[1]} tokens: no room for a new one in the model's "

@@ -146,6 +146,11 @@ class Tokenizer:
         """Token ids of `text`: added tokens first, sentencepiece on the text between them."""
         if not isinstance(text, str):
             raise Phi3Error(f"encode(text): expected a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: undecodable bytes in a command line or a file
+            raise Phi3Error(f"encode(text): the text is not valid Unicode at character {e.start} "
+                            f"({text[e.start]!r}: bytes that were not UTF-8?)") from None
         ids = [self.bos_token_id] if add_special_tokens and self.add_bos else []
         pos = 0
         while match := self._added_re.search(text, pos):

@@ -160,7 +160,7 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
         (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument -n/--max-new-tokens/--max-tokens: expected a positive integer, got '0'"),
         (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
         (["generate", "hi", "--model", "{no_tokenizer}"], "tokenizer.model"),
-        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: --temperature must be a number >= 0"),
+        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: --temperature must be a finite number >= 0"),
         (["generate", "hi", "--model", "{tiny}", "--compile", "--no-cache"], "error: --compile compiles the cached decode step; it cannot be combined with --no-cache"),
         (["generate", "hi", "--model", "{tiny}", "--attention", "flash"], "argument --attention: invalid choice"),
     ],

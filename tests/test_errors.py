@@ -229,9 +229,9 @@ def test_bad_attention_mask_stop_ids_and_sampling_arguments(checkpoints):
         p3.generate(model, ids, 2, attention_mask=torch.ones(3, 3, dtype=torch.long))
     with pytest.raises(p3.Phi3Error, match="eos_token_id must be None, a token id or a list of token ids, got '2'"):
         p3.generate(model, ids, 2, eos_token_id="2")
-    with pytest.raises(p3.Phi3Error, match="temperature must be a number >= 0 .* got '0.5'"):
+    with pytest.raises(p3.Phi3Error, match="temperature must be a finite number >= 0 .* got '0.5'"):
         p3.generate(model, ids, 2, temperature="0.5")
-    with pytest.raises(p3.Phi3Error, match="seed must be an integer or None, got 'x'"):
+    with pytest.raises(p3.Phi3Error, match="seed must be an integer in 0..2\\*\\*64 - 1 .* or None, got 'x'"):
         p3.generate(model, ids, 2, temperature=1.0, seed="x")
     with pytest.raises(p3.Phi3Error, match="batch_size must be a positive integer, got 0"):
         model.new_cache(0, max_len=4)
@@ -342,3 +342,39 @@ def test_an_index_that_is_no_object(folder):
     (folder / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(p3.Phi3Error, match="is not a safetensors index \\(expected an object with a 'weight_map'\\)"):
         p3.Phi3ForCausalLM.from_pretrained(folder)
+
+
+def test_a_cache_made_for_another_model_is_refused(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids = torch.tensor([[1, 2]])
+    other = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0], dtype="bf16").new_cache(1, max_len=8)
+    with pytest.raises(p3.Phi3Error, match=r"the cache does not fit this model: its \(layers, kv heads, head size, dtype, "
+                                           r"device\) are \(2, 4, 16, 'torch.bfloat16', 'cpu'\), the model's \(2, 4, 16, "
+                                           r"'torch.float32', 'cpu'\)"):
+        model(ids, other)
+    with pytest.raises(p3.Phi3Error, match=r"cache must be a KVCache \(model.new_cache\(batch_size, max_len=...\)\), got bool"):
+        model(ids, True)
+
+
+def test_inputs_on_another_device_than_the_model(checkpoints):
+    """CPU ids for a model on a GPU failed deep inside the embedding; the meta device stands in for the GPU."""
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids = torch.tensor([[1, 2]])
+    with pytest.raises(p3.Phi3Error, match=r"attention_mask is on meta but the model is on cpu: move it with .to\('cpu'\)"):
+        p3.generate(model, ids, 3, attention_mask=torch.ones(1, 2, dtype=torch.long, device="meta"))
+    with pytest.raises(p3.Phi3Error, match=r"attention_mask is on meta but the model is on cpu"):
+        model(ids, attention_mask=torch.ones(1, 2, dtype=torch.long, device="meta"))
+
+
+def test_stepper_misuse(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    with pytest.raises(p3.Phi3Error, match=r"prompt_ids must be token ids, not text: encode it first"):
+        p3.Stepper(model, "The KV cache")
+    with pytest.raises(p3.Phi3Error, match=r"prompt_ids must be a list of token ids or a tensor: expected sequence"):
+        p3.Stepper(model, [[1, 2, 3], [1, 2]])
+    with pytest.raises(p3.Phi3Error, match=r"tokenizer must be a p3.Tokenizer .* or None, got str"):
+        p3.Stepper(model, [1, 2], tokenizer="tiny")
+    with pytest.raises(p3.Phi3Error, match="top_k must be a positive integer, got True"):
+        p3.Stepper(model, [1, 2], top_k=True)
+    with pytest.raises(p3.Phi3Error, match=r"input_ids is empty: shape \(1, 0\)"):
+        p3.generate(model, torch.tensor([[]]), 3)  # a float tensor, but its emptiness is the mistake
