@@ -43,8 +43,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def digits(text: str) -> bool:
+    """0-9 only: str.isdigit() also takes '²' and other digits that int() refuses or reads as numbers."""
+    return text.isascii() and text.isdigit()
+
+
 def positive_int(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else None
+    value = int(text) if digits(text.lstrip("-")) else None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
@@ -391,7 +396,7 @@ def cmd_step(args) -> None:
         for n, c in enumerate(record.candidates):
             print(f"  [{n}] {c.token_id:>6d}  {c.text!r:20s} logit {c.logit:8.3f}  prob {c.prob:6.1%}")
         answer = ask()
-        while answer not in ("", "q") and not (answer.isdigit() and int(answer) < len(record.candidates)):
+        while answer not in ("", "q") and not (digits(answer) and int(answer) < len(record.candidates)):
             log(f"expected Enter, q or a number 0..{len(record.candidates) - 1}, got {answer!r}")
             answer = ask()
         if answer == "q":
@@ -435,7 +440,7 @@ def cmd_attention(args) -> None:
     from .plotting import attention_figure, attention_maps, save_attention_png
     from .tracing import trace
 
-    if args.layer != "all" and not args.layer.isdigit():
+    if args.layer != "all" and not digits(args.layer):
         raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")
     layer = "all" if args.layer == "all" else int(args.layer)
     config = model_config(args)  # --layer and --head are checked before the weights load

@@ -55,15 +55,12 @@ class Trace(Records):
         super().__init__(only)
         self.layers = [Records(only) for _ in range(num_layers)]
 
-    def _split(self, name: str) -> tuple[dict, str]:
-        if name.startswith("layers."):
-            _, i, key = name.split(".", 2)
-            return self.layers[int(i)], key
-        return self, name
-
     def __getitem__(self, name: str) -> torch.Tensor:
-        where, key = self._split(name)
-        return dict.__getitem__(where, key)
+        records = self.flat()
+        if name not in records:  # a KeyError that says what there is
+            raise KeyError(f"no record {name!r} in this trace (print(trace) lists its {len(records)} names; "
+                           f"a layer's are layers.<0..{len(self.layers) - 1}>.<{'|'.join(LAYER_NAMES)}>)")
+        return records[name]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self.flat()

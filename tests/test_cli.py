@@ -486,6 +486,8 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     assert code == 1 and err == "error: --layer 9: the model has 4 layers, 0..3\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "1", "--head", "4")
     assert code == 1 and err == "error: --head 4: the model has 4 heads a layer, 0..3\n"
+    code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "\u00b2")  # str.isdigit() takes it
+    assert code == 1 and err == "error: --layer must be a layer number or 'all', got '\u00b2'\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "all", "--head", "1")
     assert code == 1 and err.startswith("error: --head goes with one layer: --layer all draws")
     monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))

@@ -1,6 +1,7 @@
 """Seeing inside: traces, the logit lens, the comparison with transformers, step-through decoding."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -140,3 +141,14 @@ def test_stepper_argument_checks(tiny_gqa):
     assert stepper.ids == [5, 6, 7, 9, stepper.ids[-1]]
     with pytest.raises(p3.Phi3Error, match="the sequence is full: 5 tokens of max_len=5"):
         stepper.choose()
+
+
+def test_a_name_the_trace_does_not_hold_says_what_it_holds():
+    model = p3.Phi3ForCausalLM.from_pretrained("tiny")
+    with p3.trace(model) as t:
+        model(torch.tensor([[1, 2]]))
+    for name in ("layers.9.q", "layers.x.q", "layers.0", "attn_probs", "layers.0.atn_probs"):
+        with pytest.raises(KeyError, match=rf"no record '{re.escape(name)}' in this trace \(print\(trace\) lists its 45 "
+                                           r"names; a layer's are layers.<0..3>.<input_norm\|q\|"):
+            t[name]
+    assert t.get("layers.9.q") is None and "layers.0.q" in t
