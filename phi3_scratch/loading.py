@@ -64,6 +64,9 @@ def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES
 
     `files`: the name patterns to download (the tokenizer asks for TOKENIZER_FILES: no weights).
     """
+    if not isinstance(path_or_repo_id, (str, Path)):
+        raise Phi3Error(f"expected a checkpoint folder, a Hugging Face repo id or 'tiny' (a str or Path), "
+                        f"got {type(path_or_repo_id).__name__}")
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -191,6 +194,8 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     matrix as it is loaded (quantize.py), so the full-precision weights never all exist at once."""
     check_attention_kernel(attention)  # before minutes of loading
     check_method(quantize)
+    if progress is not None and not callable(progress):
+        raise Phi3Error(f"progress must be a function progress(done, total) or None, got {progress!r:.60}")
     device = resolve_device(device)
     folder = resolve_checkpoint(path_or_repo_id)
     config = Phi3Config.from_pretrained(folder)

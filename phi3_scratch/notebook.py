@@ -25,6 +25,8 @@ states tensor itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .errors import Phi3Error
@@ -181,6 +183,14 @@ def pipeline(task: str, model=None, tokenizer=None, return_full_text: bool = Tru
     refuse("pipeline", kwargs)
     if task != "text-generation":
         raise Phi3Error(f"pipeline({task!r}): phi3_scratch has the 'text-generation' pipeline only")
-    if model is None or tokenizer is None:
-        raise Phi3Error("pipeline('text-generation', ...): give model= and tokenizer=")
+    if model is None:
+        raise Phi3Error("pipeline('text-generation', ...): give model= (and tokenizer=)")
+    if isinstance(model, (str, Path)):  # a folder or repo id, as transformers' pipeline takes: load both
+        tokenizer = AutoTokenizer.from_pretrained(model) if tokenizer is None else tokenizer
+        model = AutoModelForCausalLM.from_pretrained(model)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if not isinstance(model, (NotebookModel, Phi3ForCausalLM)) or not isinstance(tokenizer, Tokenizer):
+        raise Phi3Error(f"pipeline('text-generation', ...): model= and tokenizer= must be a model and a tokenizer "
+                        f"(or a folder or repo id), got {type(model).__name__} and {type(tokenizer).__name__}")
     return TextGenerationPipeline(model, tokenizer, return_full_text, max_new_tokens, do_sample)

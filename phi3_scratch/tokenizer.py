@@ -103,6 +103,9 @@ class Tokenizer:
         # Token strings are "<s>" or {"content": "<s>", ...}; the template sees them as strings.
         names = {key: config.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self._names = {k: v.get("content") if isinstance(v, dict) else v for k, v in names.items() if v is not None}
+        for key, content in self._names.items():
+            if not isinstance(content, str):
+                raise Phi3Error(f"tokenizer_config.json: {key} is {content!r:.60}; expected a token string like '<s>'")
         self.bos_token_id, self.eos_token_id, self.pad_token_id = (
             self._named_id(key, default) for key, default in zip(("bos_token", "eos_token", "pad_token"), defaults))
         self.chat_template = chat_template or config.get("chat_template") or CHAT_TEMPLATE_PHI3
@@ -205,10 +208,19 @@ class Tokenizer:
                 raise Phi3Error(f"apply_chat_template(messages): message {n} is {m!r:.100}; "
                                 "expected a dict with a 'role' string and a 'content' string")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self._names)
         except TemplateError as e:
             raise Phi3Error(f"apply_chat_template(messages): the chat template refused them: {e}") from None
+        except Exception as e:  # the template is code from the checkpoint: it can fail in any way
+            raise Phi3Error(f"apply_chat_template(messages): the chat template failed: {type(e).__name__}: {e}") from None
+        # Phi-3's template writes the roles it knows and skips any other without a word: say so instead.
+        for n, m in enumerate(messages):
+            if m["content"].strip() and m["content"].strip() not in text:
+                raise Phi3Error(f"apply_chat_template(messages): message {n} (role {m['role']!r}) is not in what the "
+                                f"chat template wrote: it leaves out roles it does not know (Phi-3's: 'system', "
+                                f"'user', 'assistant')")
+        return text
 
     @property
     def stop_ids(self) -> list[int]:

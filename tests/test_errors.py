@@ -378,3 +378,19 @@ def test_stepper_misuse(checkpoints):
         p3.Stepper(model, [1, 2], top_k=True)
     with pytest.raises(p3.Phi3Error, match=r"input_ids is empty: shape \(1, 0\)"):
         p3.generate(model, torch.tensor([[]]), 3)  # a float tensor, but its emptiness is the mistake
+
+
+def test_from_pretrained_arguments_of_the_wrong_kind(checkpoints):
+    with pytest.raises(p3.Phi3Error, match=r"expected a checkpoint folder, a Hugging Face repo id or 'tiny' \(a str or Path\), got NoneType"):
+        p3.Phi3ForCausalLM.from_pretrained(None)
+    with pytest.raises(p3.Phi3Error, match=r"expected a checkpoint folder, .* got NoneType"):
+        p3.Tokenizer.from_pretrained(None)
+    with pytest.raises(p3.Phi3Error, match=r"progress must be a function progress\(done, total\) or None, got 5"):
+        p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0], progress=5)
+
+
+def test_pipeline_takes_a_folder_name_as_transformers_does():
+    generator = p3.pipeline("text-generation", model="tiny", max_new_tokens=3)  # its tokenizer too
+    assert len(generator("The KV cache")[0]["generated_text"]) > len("The KV cache")
+    with pytest.raises(p3.Phi3Error, match=r"model= and tokenizer= must be a model and a tokenizer .* got int"):
+        p3.pipeline("text-generation", model=3, tokenizer="tiny")

@@ -317,6 +317,28 @@ def test_builtin_chat_template_when_config_has_none(tok, tmp_path):
     assert bare.apply_chat_template(CHATS[0]) == tok.apply_chat_template(CHATS[0])
 
 
+def with_config(tmp_path, **changes) -> Tokenizer:
+    """The tiny tokenizer with tokenizer_config.json's fields changed."""
+    shutil.copy(TINY / "tokenizer.model", tmp_path / "tokenizer.model")
+    config = {**json.loads((TINY / "tokenizer_config.json").read_text()), **changes}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer.from_pretrained(tmp_path)
+
+
+def test_a_message_the_chat_template_leaves_out_is_an_error(tok, tmp_path):
+    """Phi-3's template skips a role it does not know without a word: the user's text would be lost."""
+    with pytest.raises(Phi3Error, match=r"message 1 \(role 'usr'\) is not in what the chat template wrote"):
+        tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "usr", "content": "hi"}])
+    broken = with_config(tmp_path, chat_template="{{ 1 / 0 }}")
+    with pytest.raises(Phi3Error, match="the chat template failed: ZeroDivisionError"):
+        broken.apply_chat_template(CHATS[0])
+
+
+def test_error_token_names_that_are_not_strings(tmp_path):
+    with pytest.raises(Phi3Error, match="tokenizer_config.json: eos_token is 5; expected a token string"):
+        with_config(tmp_path, eos_token=5)
+
+
 def test_error_folder_without_tokenizer_model(tmp_path):
     with pytest.raises(Phi3Error, match="tokenizer.model not found, and no tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
