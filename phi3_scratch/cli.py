@@ -80,6 +80,9 @@ def meta_model(args) -> Phi3ForCausalLM:
     """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`."""
     config = model_config(args)
     dtype = resolve_dtype(args.dtype or config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
+    if args.quantize and config.quantization and args.quantize != config.quantization:  # as loading says
+        raise Phi3Error(f"{args.model}: the checkpoint is quantized as {config.quantization}; "
+                        f"it cannot be loaded as {args.quantize}")
     config.quantization = args.quantize or config.quantization
     return on_meta(config, dtype)
 

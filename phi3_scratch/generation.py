@@ -51,7 +51,7 @@ def stream_tokens(
     config = model.config
     B, T = check_input_ids(input_ids, config.vocab_size)
     check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if T + max_new_tokens > config.max_position_embeddings:
         raise Phi3Error(

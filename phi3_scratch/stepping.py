@@ -87,7 +87,7 @@ class Stepper:
         """Append `token_id` (None: the argmax), run one step, and return the next record."""
         token = self._record.argmax if token_id is None else token_id
         try:
-            token = operator.index(token)  # ints, numpy ints, 0-d integer tensors
+            token = None if isinstance(token, bool) else operator.index(token)  # ints, numpy ints, 0-d integer tensors
         except TypeError:
             token = None
         if token is None or not 0 <= token < self.model.config.vocab_size:

@@ -371,11 +371,12 @@ def _added_tokens(folder: Path, config: dict) -> list[AddedToken]:
             entries = [{**entry, "id": i} for i, entry in raw.items()]
         else:
             entries = raw
-        tokens = [AddedToken(int(e["id"]), e["content"], bool(e.get("special", True)),
-                             bool(e.get("lstrip", False)), bool(e.get("rstrip", False))) for e in entries]
+        tokens = [AddedToken(int(e["id"]), e["content"], e.get("special", True), e.get("lstrip", False),
+                             e.get("rstrip", False)) for e in entries]
     except (TypeError, KeyError, ValueError, AttributeError):
         tokens = None
-    if tokens is None or any(not isinstance(t.content, str) or not t.content or t.id < 0 for t in tokens):
+    if tokens is None or any(not isinstance(t.content, str) or not t.content or t.id < 0 or
+                             not all(isinstance(flag, bool) for flag in (t.special, t.lstrip, t.rstrip)) for t in tokens):
         raise Phi3Error(f"{folder}/{where} is {raw!r:.300}; expected entries like "
                         '{"content": "<|end|>", "id": 32007, "rstrip": true, "special": true}')
     return tokens

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import Phi3Error
-from .model import Phi3ForCausalLM
+from .model import Phi3ForCausalLM, check_input_ids, check_on_device
 
 MODEL_NAMES = ("embed", "positions", "mask", "final_norm", "logits")
 LAYER_NAMES = ("input_norm", "q", "k", "v", "attn_probs", "attn_out", "attn_residual", "post_attn_norm",
@@ -145,7 +145,22 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
     the place to start looking). `hf_model` is transformers' Phi3ForCausalLM on the same weights
     (eager attention, so that it returns its attention probabilities).
     """
-    tolerance = default_tolerance(model.model.embed_tokens.weight.dtype) if tolerance is None else tolerance
+    if not isinstance(model, Phi3ForCausalLM):
+        raise Phi3Error(f"compare_with_transformers(model, hf_model, input_ids): model must be this package's "
+                        f"Phi3ForCausalLM, got {type(model).__name__}")
+    if type(hf_model).__name__ != "Phi3ForCausalLM" or isinstance(hf_model, Phi3ForCausalLM):
+        raise Phi3Error(f"compare_with_transformers(model, hf_model, input_ids): hf_model must be transformers' "
+                        f"Phi3ForCausalLM, got {type(hf_model).__name__}")
+    check_input_ids(input_ids, model.config.vocab_size)
+    weight = model.model.embed_tokens.weight
+    check_on_device(weight.device, input_ids=input_ids)
+    tolerance = default_tolerance(weight.dtype) if tolerance is None else tolerance
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 < tolerance < float("inf"):
+        raise Phi3Error(f"tolerance must be a positive number (a relative difference), got {tolerance!r}")
+    theirs_dtype = next(hf_model.parameters()).dtype
+    if theirs_dtype != weight.dtype:
+        raise Phi3Error(f"the two models run in different dtypes, ours {weight.dtype} and transformers' {theirs_dtype}: "
+                        f"every tensor would differ by the rounding; load both in one dtype")
     if getattr(hf_model.config, "_attn_implementation", None) != "eager":
         raise Phi3Error("compare_with_transformers needs transformers' model with attn_implementation='eager' "
                         f"(it returns its attention probabilities), got {hf_model.config._attn_implementation!r}")

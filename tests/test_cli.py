@@ -139,6 +139,14 @@ def test_arch_counts_every_parameter(tiny, capsys):
     assert f"{2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 / 1024:.1f} KiB per token" in out
 
 
+def test_arch_of_a_quantized_checkpoint_refuses_another_method(tiny, capsys, tmp_path):
+    p3.Phi3ForCausalLM.from_pretrained(tiny, quantize="int4").save_pretrained(tmp_path)
+    code, out, _ = run(capsys, "arch", "--model", tmp_path)
+    assert code == 0 and "Int4Linear" in out
+    code, _, err = run(capsys, "arch", "--model", tmp_path, "--quantize", "int8")  # as generate refuses it
+    assert code == 1 and err == f"error: {tmp_path}: the checkpoint is quantized as int4; it cannot be loaded as int8\n"
+
+
 def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
     lines = iter(["What does generate do?", "And sample?", "/reset", "What does generate do?", "/exit"])
     prompts = []

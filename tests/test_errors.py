@@ -394,3 +394,11 @@ def test_pipeline_takes_a_folder_name_as_transformers_does():
     assert len(generator("The KV cache")[0]["generated_text"]) > len("The KV cache")
     with pytest.raises(p3.Phi3Error, match=r"model= and tokenizer= must be a model and a tokenizer .* got int"):
         p3.pipeline("text-generation", model=3, tokenizer="tiny")
+
+
+def test_true_is_no_count(checkpoints):
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    with pytest.raises(p3.Phi3Error, match="max_new_tokens must be a positive integer, got True"):
+        p3.generate(model, torch.tensor([[1, 2]]), True)
+    with pytest.raises(p3.Phi3Error, match="token_id must be in 0..255, got True"):
+        p3.Stepper(model, [1, 2]).choose(True)

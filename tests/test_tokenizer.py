@@ -337,6 +337,10 @@ def test_a_message_the_chat_template_leaves_out_is_an_error(tok, tmp_path):
 def test_error_token_names_that_are_not_strings(tmp_path):
     with pytest.raises(Phi3Error, match="tokenizer_config.json: eos_token is 5; expected a token string"):
         with_config(tmp_path, eos_token=5)
+    decoder = json.loads((TINY / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    first = next(iter(decoder))
+    with pytest.raises(Phi3Error, match="added_tokens_decoder is .*; expected entries like"):  # "false" would read as true
+        with_config(tmp_path, added_tokens_decoder={**decoder, first: {**decoder[first], "rstrip": "false"}})
 
 
 def test_error_folder_without_tokenizer_model(tmp_path):

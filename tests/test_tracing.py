@@ -86,6 +86,22 @@ def test_comparison_points_at_a_planted_bug(tiny_gqa, report):
            f"(relative difference {first[0]['rel']:.2e}); {sum(not r['ok'] for r in rows)} of {len(rows)} above")
 
 
+def test_comparison_checks_its_arguments(tiny_gqa, checkpoints):
+    model, hf = tiny_gqa
+    ids = torch.randint(3, 256, (1, 12))
+    with pytest.raises(p3.Phi3Error, match="hf_model must be transformers' Phi3ForCausalLM, got NoneType"):
+        compare_with_transformers(model, None, ids)
+    with pytest.raises(p3.Phi3Error, match="model must be this package's Phi3ForCausalLM"):
+        compare_with_transformers(hf, model, ids)  # the two swapped
+    with pytest.raises(p3.Phi3Error, match=r"input_ids must be a 2-D LongTensor \(batch, tokens\), got \(12,\)"):
+        compare_with_transformers(model, hf, ids[0])
+    with pytest.raises(p3.Phi3Error, match="tolerance must be a positive number"):
+        compare_with_transformers(model, hf, ids, tolerance=-1)
+    bf16 = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-longrope")[0], dtype="bf16")
+    with pytest.raises(p3.Phi3Error, match="the two models run in different dtypes, ours torch.bfloat16 and transformers' torch.float32"):
+        compare_with_transformers(bf16, hf, ids)
+
+
 def test_comparison_in_bf16(checkpoints):
     folder, _ = checkpoints("tiny-window")
     import transformers
