@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     for length in args.prefill:
         if length <= ours.config.max_position_embeddings:
             jobs[(f"prefill_{length}", length)] = lambda name, m, length=length: prefill(m, length)
+        else:
+            print(f"bench: no prefill_{length}: the model has {ours.config.max_position_embeddings} positions",
+                  file=sys.stderr, flush=True)
 
     def runs(job: str, name: str) -> bool:
         return JOBS.get(name) is None or job.startswith(JOBS[name])

@@ -606,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every flag is checked here, before minutes of loading
         if "prompt_flag" in args:
             resolve_prompt(args)
+        elif getattr(args, "prompt", None) == "-":  # compare and tour: --prompt - reads standard input too
+            args.prompt = sys.stdin.read()
+        if "model" in args and not args.model.strip():
+            raise Phi3Error("--model is empty: give a checkpoint folder, a Hugging Face repo id or 'tiny'")
         if "prompt" in args and args.prompt is not None and not args.prompt.strip():
             raise Phi3Error("PROMPT is empty: give some text to continue")
         if "temperature" in args:

@@ -371,6 +371,11 @@ def test_prompt_as_argument_option_or_stdin(tiny, capsys, monkeypatch):
     assert code == 1 and "the prompt was given twice" in err
     code, _, err = run(capsys, "next-token", "--model", tiny)
     assert code == 1 and "next-token needs a PROMPT: as an argument, with -p, or '-'" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("The model"))  # compare's --prompt reads '-' too
+    assert run(capsys, "compare", "--model", tiny, "--prompt", "-")[1] == \
+        run(capsys, "compare", "--model", tiny, "--prompt", "The model")[1]
+    code, _, err = run(capsys, "generate", "hi", "--model", "")
+    assert code == 1 and err == "error: --model is empty: give a checkpoint folder, a Hugging Face repo id or 'tiny'\n"
 
 
 @pytest.mark.parametrize("flag", ["-n", "--max-tokens", "--max-new-tokens"])
