@@ -89,6 +89,23 @@ def test_stop_tokens_end_generation(checkpoints):
     assert torch.equal(stopped, hf_generate(hf, ids, 20, eos=[123, stop]))
 
 
+def test_a_row_that_stopped_is_padded_until_every_row_has(checkpoints):
+    """Stop tokens in a batch: a row that hit one gets pad_token_id from then on, while the others go
+    on, as in transformers' generate."""
+    folder, hf = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (2, 5))
+    free = p3.generate(model, ids, 20, eos_token_id=[])[:, 5:]  # (2, 20)
+    first = lambda row, t: next((i for i, x in enumerate(free[row].tolist()) if x == t), 99)
+    stop = next(int(t) for t in free[0, 1:] if first(1, int(t)) > first(0, int(t)) + 3)  # row 0 stops first, early
+    end = first(0, stop)
+    stopped = p3.generate(model, ids, 20, eos_token_id=[stop])
+    assert stopped.shape[1] >= 5 + end + 4  # row 1 went on
+    assert (stopped[0, 5 + end + 1:] == model.config.pad_token_id).all() and int(stopped[0, 5 + end]) == stop
+    assert torch.equal(stopped[1, 5:], free[1, : stopped.shape[1] - 5])
+    assert torch.equal(stopped, hf_generate(hf, ids, 20, eos=[stop]))
+
+
 def test_stop_tokens_default_to_generation_config(checkpoints, tmp_path):
     """Phi-3 stops at <|endoftext|>, <|assistant|> and <|end|> (generation_config.json), not just eos."""
     folder = tmp_path / "ckpt"
