@@ -147,6 +147,21 @@ def test_sdpa_kernel_in_fp16_with_left_padding_gives_no_nan(checkpoints):
     assert torch.isfinite(logits[mask.bool()]).all()
 
 
+def test_sdpa_gets_a_finite_mask_in_fp16(checkpoints, monkeypatch):
+    """The fp16 clamp itself: torch's CPU kernel returns 0 for a row with every key masked, so the
+    test above cannot fail on a CPU; a GPU kernel gives NaN for -inf there."""
+    import torch.nn.functional as F
+
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0], dtype="fp16", attention="sdpa")
+    masks, kernel = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None: masks.append(attn_mask) or kernel(q, k, v, attn_mask=attn_mask))
+    ids, mask = padded_batch(9, (8, 3))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert masks and all(torch.isfinite(m).all() for m in masks)
+
+
 def test_a_trace_records_attention_probabilities_even_with_sdpa(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0], attention="sdpa")
     with p3.trace(model) as t, torch.no_grad():

@@ -1,6 +1,7 @@
 """Greedy generation: same tokens as transformers' generate, with and without the cache."""
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -87,6 +88,30 @@ def test_stop_tokens_end_generation(checkpoints):
     stopped = p3.generate(model, ids, 20, eos_token_id=[123, stop])
     assert stopped.shape == (1, 5 + first + 1) and int(stopped[0, -1]) == stop
     assert torch.equal(stopped, hf_generate(hf, ids, 20, eos=[123, stop]))
+
+
+def test_left_padding_positions_count_real_tokens(checkpoints):
+    """Left padding: a row's positions start at its first real token (padding gets 0). RoPE sees only
+    relative positions, so the token tests above would not notice positions counted in slots."""
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
+    ids = torch.randint(3, 256, (2, 6))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad(), p3.trace(model, only={"positions"}) as t:
+        model(ids, attention_mask=mask)
+    assert t["positions"].tolist() == [[0, 0, 0, 0, 1, 2], [0, 1, 2, 3, 4, 5]]
+
+
+def test_generate_stops_at_each_of_generation_configs_stop_ids(checkpoints, tmp_path):
+    """Stop tokens: with eos_token_id=None, generate stops at any id of generation_config.json's list
+    (Phi-3's <|end|> is its last), which replaces config.json's eos."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoints("tiny-window", "official")[0], folder)
+    ids = torch.randint(3, 256, (1, 5))
+    free = p3.generate(p3.Phi3ForCausalLM.from_pretrained(folder), ids, 20, eos_token_id=[])[0, 5:].tolist()
+    stop = free[6]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [123, stop]}))
+    out = p3.generate(p3.Phi3ForCausalLM.from_pretrained(folder), ids, 20)
+    assert int(out[0, -1]) == stop and out.shape[1] == 5 + free.index(stop) + 1
 
 
 def test_a_row_that_stopped_is_padded_until_every_row_has(checkpoints):

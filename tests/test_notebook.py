@@ -84,7 +84,7 @@ def run_notebook(library: str, folder) -> dict:
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
-    pytest.importorskip("accelerate", reason="transformers needs accelerate for device_map (pip install -e '.[test]')")
+    import accelerate  # noqa: F401  (transformers needs it for device_map; the test extra installs it)
     return run_notebook("transformers", TINY), run_notebook("phi3_scratch", TINY)  # the folder as it ships
 
 
@@ -134,8 +134,8 @@ def test_the_plain_api_is_unchanged_and_arguments_it_lacks_are_refused():
 
 def test_the_notebook_in_notebooks_runs(tmp_path):
     """notebooks/phi3_notebook.ipynb, executed by a Jupyter kernel, as a learner runs it (the tiny model)."""
-    nbformat = pytest.importorskip("nbformat", reason="the test extra installs nbformat")
-    nbclient = pytest.importorskip("nbclient", reason="the test extra installs nbclient")
+    import nbclient
+    import nbformat
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "notebooks" / "phi3_notebook.ipynb"

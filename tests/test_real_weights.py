@@ -20,16 +20,17 @@ REPO = "microsoft/Phi-3-mini-4k-instruct"
 def real_checkpoint() -> Path | None:
     if os.environ.get("PHI3_MINI_4K"):
         return Path(os.environ["PHI3_MINI_4K"])
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    try:
         folder = Path(snapshot_download(REPO, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
-        index = folder / "model.safetensors.index.json"
-        shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
-        needed = {"config.json", "tokenizer.model", *shards}  # a partial download is no checkpoint
-        return folder if all((folder / name).is_file() for name in needed) else None
-    except Exception:  # not in the cache: nothing to test against
+    except LocalEntryNotFoundError:  # not in the cache: nothing to test against
         return None
+    index = folder / "model.safetensors.index.json"  # a broken index is an error, not a skip
+    shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    needed = {"config.json", "tokenizer.model", *shards}  # a partial download is no checkpoint
+    return folder if all((folder / name).is_file() for name in needed) else None
 
 
 FOLDER = real_checkpoint()

@@ -42,6 +42,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert frequencies(temperature=1.0, top_p=0.1)[0] == 1  # the most likely token always stays
 
 
+def test_top_p_cuts_the_tempered_distribution_in_vocabulary_order():
+    """Unsorted logits and a temperature: the kept set is chosen after tempering, and mapped back
+    from sorted order to the tokens' own ids."""
+    order = torch.tensor([3, 5, 0, 1, 4, 2])
+    logits = LOGITS[:, order]  # the same numbers, most likely token at id 2
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits.expand(DRAWS, -1), temperature=2.0, top_p=0.7, generator=gen)
+    probs = (logits[0] / 2.0).softmax(-1)
+    ranked = probs.argsort(descending=True)
+    keep = ranked[: int(((probs[ranked].cumsum(0) - probs[ranked]) < 0.7).sum())]  # 3 tokens at T = 2, 2 at T = 1
+    assert len(keep) == 3 and set(draws.unique().tolist()) == set(keep.tolist())
+
+
 def test_seed_makes_generation_reproducible(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     ids = torch.randint(3, 256, (1, 4))

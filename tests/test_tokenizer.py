@@ -54,7 +54,6 @@ needs_real_tokenizer = pytest.mark.skipif(
 def reference_tokenizer(folder: Path):
     """A tokenizers.Tokenizer in the published Phi-3 tokenizer.json layout, from folder's sentencepiece model
     (scripts/train_tiny.py builds it, and ships it with the tiny model)."""
-    pytest.importorskip("tokenizers")
     return train_tiny().tokenizer_json(folder)
 
 
@@ -193,7 +192,7 @@ def test_golden_ids_of_the_real_phi3_tokenizer():
 @needs_real_tokenizer
 def test_corpus_matches_the_published_tokenizer_json(report):
     """The real Phi-3 tokenizer against the published tokenizer.json, and the rebuilt reference against both."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     published = tokenizers.Tokenizer.from_file(str(REAL / "tokenizer.json"))
     tok, rebuilt = Tokenizer.from_pretrained(REAL), reference_tokenizer(REAL)
     for text in CORPUS:
@@ -238,9 +237,17 @@ def test_added_tokens_strip_whitespace(tok):
     assert tok.decode([user, *hola, end], skip_special_tokens=True) == "hola"
 
 
+def test_added_tokens_strip_the_whitespace_tokenizers_strips(tok):
+    """Tokenizer whitespace quirk: rstrip takes tabs, carriage returns, Unicode spaces and separators
+    too (what `tokenizers` strips), not only spaces and newlines."""
+    reference = reference_tokenizer(TINY)
+    for text in ["<|user|>\thola<|end|>\r\nx", "<|user|>\u00a0\u3000hola<|end|>", "<|end|>\x1chi"]:
+        assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids, repr(text)
+
+
 def test_lstrip_and_add_bos_follow_the_config(tmp_path, tok):
     """No Phi-3 token has lstrip: add one, to both, and turn on add_bos_token."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
 
     shutil.copy(TINY / "tokenizer.model", tmp_path / "tokenizer.model")
     config = json.loads((TINY / "tokenizer_config.json").read_text())

@@ -10,12 +10,11 @@ same file: ids, decoding with and without special tokens, streaming, the chat te
 import json
 
 import pytest
+import tokenizers
 
 from phi3_scratch.tokenizer import Tokenizer
 
 from .test_tokenizer import CORPUS
-
-tokenizers = pytest.importorskip("tokenizers")
 
 # Phi-4-mini's split pattern is tiktoken's o200k (letters with case classes, marks, 1-3 digits);
 # phi-4's is cl100k's (contractions first, letters, 1-3 digits).
