@@ -17,8 +17,10 @@ breakpoint stops: debug with the default, eager.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -49,36 +51,10 @@ def stream_tokens(
     compile=True runs each decode step as one compiled step (compiled.py; a CUDA graph on a GPU).
     """
     config = model.config
-    B, T = check_input_ids(input_ids, config.vocab_size)
-    check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if T + max_new_tokens > config.max_position_embeddings:
-        raise Phi3Error(
-            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} positions, "
-            f"more than the model's max_position_embeddings {config.max_position_embeddings}"
-        )
-    if attention_mask is not None:
-        check_attention_mask(attention_mask, (B, T), "the shape of input_ids")
-        if not bool(attention_mask[:, -1].all()):
-            raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
-    elif B > 1 and config.pad_token_id is not None and bool((input_ids[:, 0] == config.pad_token_id).any()):
-        warnings.warn(f"input_ids: a row starts with the pad id {config.pad_token_id} and no attention_mask was "
-                      "given, so padding is read as text; pass attention_mask (1 real token, 0 padding)", stacklevel=3)
-    check_sampling(temperature, top_k, top_p, seed)
-    ignored = [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
-               if value is not None]
-    if temperature == 0 and ignored:
-        warnings.warn(f"{', '.join(ignored)}: only sampling uses them, and temperature=0 is greedy decoding; "
-                      "give a temperature > 0 to sample", stacklevel=3)
-    if compile and not use_cache:
-        raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
+    stop_ids = check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
+                                temperature, top_k, top_p, seed, compile)  # once, before the loop
+    B, T = input_ids.shape
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
-    stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)
-    outside = [i for i in stop_ids if not 0 <= i < config.vocab_size]
-    if outside:  # no token could ever match: generation would never stop
-        where = "eos_token_id" if eos_token_id is not None else "the model's stop ids (config.stop_token_ids)"
-        raise Phi3Error(f"{where}: {outside} outside the vocabulary, 0..{config.vocab_size - 1}")
     stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
 
@@ -114,6 +90,52 @@ def stream_tokens(
         if attention_mask is not None:  # (B, T + step + 1): the new token is real
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         logits = next_logits(model, seq, cache, attention_mask, decoder, padding)  # (B, V)
+
+
+def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask, temperature,
+                     top_k, top_p, seed, compile) -> list[int]:
+    """stream_tokens' arguments checked, with the reason for each refusal; returns the stop ids."""
+    config = model.config
+    B, T = check_input_ids(input_ids, config.vocab_size)
+    check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if T + max_new_tokens > config.max_position_embeddings:
+        raise Phi3Error(
+            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} positions, "
+            f"more than the model's max_position_embeddings {config.max_position_embeddings}"
+        )
+    if attention_mask is not None:
+        check_attention_mask(attention_mask, (B, T), "the shape of input_ids")
+        if not bool(attention_mask[:, -1].all()):
+            raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
+    elif B > 1 and config.pad_token_id is not None and bool((input_ids[:, 0] == config.pad_token_id).any()):
+        warn(f"input_ids: a row starts with the pad id {config.pad_token_id} and no attention_mask was given, so "
+             "padding is read as text; pass attention_mask (1 real token, 0 padding)")
+    check_sampling(temperature, top_k, top_p, seed)
+    ignored = [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
+               if value is not None]
+    if temperature == 0 and ignored:
+        warn(f"{', '.join(ignored)}: only sampling uses them, and temperature=0 is greedy decoding; give a "
+             "temperature > 0 to sample")
+    if compile and not use_cache:
+        raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
+    stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)
+    outside = [i for i in stop_ids if not 0 <= i < config.vocab_size]
+    if outside:  # no token could ever match: generation would never stop
+        where = "eos_token_id" if eos_token_id is not None else "the model's stop ids (config.stop_token_ids)"
+        raise Phi3Error(f"{where}: {outside} outside the vocabulary, 0..{config.vocab_size - 1}")
+    return stop_ids
+
+
+def warn(message: str) -> None:
+    """A UserWarning attributed to the user's line: the first frame outside this package and torch
+    (generate, stream_tokens and torch's inference_mode wrapper lie in between)."""
+    inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None, padding: int = 0) -> torch.Tensor:

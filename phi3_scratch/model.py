@@ -15,9 +15,9 @@
 Start at Phi3ForCausalLM.forward, the one forward pass that everything runs: a user's
 `model(input_ids)`, generate (every prefill and decode step), the Stepper, traces, and, compiled,
 `compile=True`. (The notebook's body-then-head cell, `next-token` and the logit lens call its two
-halves themselves: Phi3Model.forward, then lm_head.) After the classes come the helpers they call: the input checks (once per call,
-at the edge), the positions and the attention mask (one place for both), and the attention
-kernels. Module names equal the checkpoint's tensor names (`model.layers.0.self_attn.qkv_proj.weight`),
+halves themselves: Phi3Model.forward, then lm_head.) After the classes come the helpers they
+call: the input checks (once per call, at the edge), the positions and the attention mask (one
+place for both), and the attention kernels. Module names equal the checkpoint's tensor names (`model.layers.0.self_attn.qkv_proj.weight`),
 so loading is a plain name-to-tensor copy.
 
 Shapes in comments use: B batch, T new tokens, S key slots attended (cached + new; with a static
