@@ -613,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         if "prompt" in args and args.prompt is not None and not args.prompt.strip():
             raise Phi3Error("PROMPT is empty: give some text to continue")
         if "temperature" in args:
-            given, args.temperature = args.temperature, 0.0 if args.temperature is None else args.temperature
+            given = args.temperature  # None: not given
+            args.temperature = 0.0 if given is None else given
             try:
                 check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
             except Phi3Error as e:  # "top_p must be ..." -> "--top-p must be ..."

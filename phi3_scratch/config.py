@@ -196,7 +196,6 @@ class Phi3Config:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
-                stop_token_ids=_as_id_list(d.get("eos_token_id")),
                 torch_dtype=d.get("torch_dtype") or d.get("dtype"),  # official / transformers 5
                 quantization=d.get("quantization"),
                 source=source,

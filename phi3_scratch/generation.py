@@ -17,6 +17,7 @@ breakpoint stops: debug with the default, eager.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -109,15 +110,16 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
         check_attention_mask(attention_mask, (B, T), "the shape of input_ids")
         if not bool(attention_mask[:, -1].all()):
             raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
-    elif B > 1 and config.pad_token_id is not None and bool((input_ids[:, 0] == config.pad_token_id).any()):
+    elif B > 1 and config.pad_token_id not in (None, config.bos_token_id) and \
+            bool((input_ids[:, 0] == config.pad_token_id).any()):  # (a pad id that is also BOS may start a row)
         warn(f"input_ids: a row starts with the pad id {config.pad_token_id} and no attention_mask was given, so "
              "padding is read as text; pass attention_mask (1 real token, 0 padding)")
     check_sampling(temperature, top_k, top_p, seed)
     ignored = [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
                if value is not None]
     if temperature == 0 and ignored:
-        warn(f"{', '.join(ignored)}: only sampling uses them, and temperature=0 is greedy decoding; give a "
-             "temperature > 0 to sample")
+        warn(f"{', '.join(ignored)}: only sampling reads {'it' if len(ignored) == 1 else 'them'}, and temperature=0 "
+             "is greedy decoding; give a temperature > 0 to sample")
     if compile and not use_cache:
         raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
     stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)
@@ -131,7 +133,7 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
 def warn(message: str) -> None:
     """A UserWarning attributed to the user's line: the first frame outside this package and torch
     (generate, stream_tokens and torch's inference_mode wrapper lie in between)."""
-    inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    inside = (str(Path(__file__).parent) + os.sep, str(Path(torch.__file__).parent) + os.sep)
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
@@ -180,8 +182,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, s
         raise Phi3Error(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
         raise Phi3Error(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if seed is not None and (not integer(seed) or not 0 <= seed < 2**64):
-        raise Phi3Error(f"seed must be an integer in 0..2**64 - 1 (torch's generator seeds) or None, got {seed!r}")
+    if seed is not None and (not integer(seed) or not -(2**63) <= seed < 2**64):
+        raise Phi3Error(f"seed must be an integer in -2**63..2**64 - 1 (torch's generator seeds) or None, got {seed!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,

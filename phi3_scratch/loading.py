@@ -21,6 +21,7 @@ Nothing outside the checkpoint folder is read, whatever file names its index hol
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path, PurePath
 
@@ -64,8 +65,8 @@ def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES
 
     `files`: the name patterns to download (the tokenizer asks for TOKENIZER_FILES: no weights).
     """
-    if not isinstance(path_or_repo_id, (str, Path)):
-        raise Phi3Error(f"expected a checkpoint folder, a Hugging Face repo id or 'tiny' (a str or Path), "
+    if not isinstance(path_or_repo_id, (str, os.PathLike)):
+        raise Phi3Error(f"expected a checkpoint folder, a Hugging Face repo id or 'tiny' (a str or path), "
                         f"got {type(path_or_repo_id).__name__}")
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():

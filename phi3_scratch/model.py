@@ -62,7 +62,7 @@ class Phi3ForCausalLM(nn.Module):
         would cost T x V numbers (6 GB in bf16 for 100k tokens of Phi-3's 32064-word vocabulary).
         check=False skips the input checks: generate validated its input once, before its loop.
         """
-        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise Phi3Error(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
         hidden = self.model(input_ids, cache, attention_mask, check)  # (B, T, H)
         if logits_to_keep:

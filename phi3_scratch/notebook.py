@@ -25,7 +25,7 @@ states tensor itself.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import torch
 
@@ -185,10 +185,10 @@ def pipeline(task: str, model=None, tokenizer=None, return_full_text: bool = Tru
         raise Phi3Error(f"pipeline({task!r}): phi3_scratch has the 'text-generation' pipeline only")
     if model is None:
         raise Phi3Error("pipeline('text-generation', ...): give model= (and tokenizer=)")
-    if isinstance(model, (str, Path)):  # a folder or repo id, as transformers' pipeline takes: load both
+    if isinstance(model, (str, os.PathLike)):  # a folder or repo id, as transformers' pipeline takes: load both
         tokenizer = AutoTokenizer.from_pretrained(model) if tokenizer is None else tokenizer
         model = AutoModelForCausalLM.from_pretrained(model)
-    if isinstance(tokenizer, (str, Path)):
+    if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if not isinstance(model, (NotebookModel, Phi3ForCausalLM)) or not isinstance(tokenizer, Tokenizer):
         raise Phi3Error(f"pipeline('text-generation', ...): model= and tokenizer= must be a model and a tokenizer "

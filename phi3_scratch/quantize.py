@@ -119,9 +119,10 @@ class Int4Linear(nn.Module):
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, scale) of a weight matrix (out, in): symmetric, one scale per row."""
     w32 = w.float()
-    # Rounded to the model's dtype first, so that q is chosen for the scale that will be stored. An
-    # all-zero row keeps the smallest positive scale of the dtype (and q = 0).
-    scale = (w32.abs().amax(dim=1) / 127).to(w.dtype).clamp(min=torch.finfo(w.dtype).tiny)  # (out,)
+    # Rounded to the model's dtype first, so that q is chosen for the scale that will be stored. A
+    # scale of 0 (an all-zero row, or one below the dtype's smallest number) becomes 1: q is 0 there.
+    scale = (w32.abs().amax(dim=1) / 127).to(w.dtype)  # (out,)
+    scale = scale.masked_fill(scale == 0, 1)
     q = torch.round(w32 / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
     return q, scale
 
@@ -132,9 +133,10 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     grouped = w.float().view(out, n_in // GROUP, GROUP)  # (out, groups, 128)
     w_min, w_max = grouped.amin(-1), grouped.amax(-1)  # (out, groups)
     # Rounded to the model's dtype first, so that the numbers below are chosen for the scale and
-    # offset that will be stored. A constant group keeps the smallest positive scale of the dtype.
+    # offset that will be stored. A scale of 0 (a constant group) becomes 1: n is 0 there.
     offset = w_min.to(w.dtype)
-    scale = ((w_max - w_min) / 15).to(w.dtype).clamp(min=torch.finfo(w.dtype).tiny)
+    scale = ((w_max - w_min) / 15).to(w.dtype)
+    scale = scale.masked_fill(scale == 0, 1)
     n = torch.round((grouped - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
     packed = n[..., : GROUP // 2] | (n[..., GROUP // 2 :] << 4)  # (out, groups, 64): inputs j and 64 + j
     return packed.view(out, n_in // 2), scale, offset

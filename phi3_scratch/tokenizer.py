@@ -214,12 +214,13 @@ class Tokenizer:
             raise Phi3Error(f"apply_chat_template(messages): the chat template refused them: {e}") from None
         except Exception as e:  # the template is code from the checkpoint: it can fail in any way
             raise Phi3Error(f"apply_chat_template(messages): the chat template failed: {type(e).__name__}: {e}") from None
-        # Phi-3's template writes the roles it knows and skips any other without a word: say so instead.
+        # Phi-3's templates write the roles they have a branch for and skip any other without a word
+        # (Phi-3-medium's has no 'system'): say so instead.
         for n, m in enumerate(messages):
             if m["content"].strip() and m["content"].strip() not in text:
-                raise Phi3Error(f"apply_chat_template(messages): message {n} (role {m['role']!r}) is not in what the "
-                                f"chat template wrote: it leaves out roles it does not know (Phi-3's: 'system', "
-                                f"'user', 'assistant')")
+                raise Phi3Error(f"apply_chat_template(messages): this checkpoint's chat template left out message {n} "
+                                f"(role {m['role']!r}): it writes only the roles it has a branch for; use one of "
+                                f"those (a system text can go into the first user message)")
         return text
 
     @property

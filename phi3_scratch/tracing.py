@@ -85,10 +85,12 @@ class Trace(Records):
 def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
     """Record the intermediates of every forward pass run inside the `with` block (only the names
     in `only`, when given). Traces nest: an inner block hands the outer one back when it ends."""
+    if isinstance(only, str):
+        raise Phi3Error(f"trace(only=...) takes a set of names, e.g. {{{only!r}}}, got the string {only!r}")
     if only is not None:
         known = {*MODEL_NAMES, *LAYER_NAMES}
-        if isinstance(only, str) or not set(only) <= known:
-            unknown = [only] if isinstance(only, str) else sorted(set(only) - known, key=str)
+        if not set(only) <= known:
+            unknown = sorted(set(only) - known, key=str)
             raise Phi3Error(f"trace(only=...): {unknown} are not names a trace records; expected a set of bare "
                             f"names (a layer's are kept in every layer) from {sorted(known)}")
         only = set(only)

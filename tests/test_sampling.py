@@ -76,7 +76,7 @@ def test_bad_sampling_arguments():
 def test_sampling_arguments_with_temperature_0_are_ignored_with_a_warning(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     ids = torch.randint(3, 256, (1, 4))
-    with pytest.warns(UserWarning, match=r"top_k=50, seed=7: only sampling uses them, and temperature=0 is greedy"):
+    with pytest.warns(UserWarning, match=r"top_k=50, seed=7: only sampling reads them, and temperature=0 is greedy"):
         tokens = p3.generate(model, ids, 20, eos_token_id=[], top_k=50, seed=7)
     assert torch.equal(tokens, p3.generate(model, ids, 20, eos_token_id=[]))
 
@@ -85,8 +85,8 @@ def test_a_tiny_temperature_is_all_but_greedy_and_seeds_are_checked(checkpoints)
     """Logits over 1e-40 overflow; the largest is taken out first, so the draw is the argmax, not an error."""
     logits = torch.tensor([[2.0, 1.0, 0.5]])
     assert sample(logits, 1e-40).tolist() == [0]
-    for seed in (2**64, -1, True):
-        with pytest.raises(p3.Phi3Error, match=r"seed must be an integer in 0..2\*\*64 - 1"):
+    for seed in (2**64, -(2**63) - 1, True):
+        with pytest.raises(p3.Phi3Error, match=r"seed must be an integer in -2\*\*63..2\*\*64 - 1"):
             p3.generation.check_sampling(1.0, None, None, seed)
     with pytest.raises(p3.Phi3Error, match="top_k must be a positive integer or None, got True"):
         p3.generation.check_sampling(1.0, True, None)

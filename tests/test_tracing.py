@@ -168,3 +168,6 @@ def test_a_name_the_trace_does_not_hold_says_what_it_holds():
                                            r"names; a layer's are layers.<0..3>.<input_norm\|q\|"):
             t[name]
     assert t.get("layers.9.q") is None and "layers.0.q" in t
+    with pytest.raises(p3.Phi3Error, match=r"trace\(only=...\) takes a set of names, e.g. \{'attn_probs'\}"):
+        with p3.trace(model, only="attn_probs"):
+            pass
