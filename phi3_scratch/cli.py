@@ -30,7 +30,7 @@ from .generation import check_sampling, generate, stream_tokens
 from .config import Phi3Config
 from .loading import CONFIG_FILES, resolve_checkpoint, resolve_device, resolve_dtype
 from .model import Phi3ForCausalLM
-from .quantize import LINEAR, METHODS, use_quantized_modules
+from .quantize import LINEAR, METHODS, method_to_load, use_quantized_modules
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -80,10 +80,7 @@ def meta_model(args) -> Phi3ForCausalLM:
     """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`."""
     config = model_config(args)
     dtype = resolve_dtype(args.dtype or config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
-    if args.quantize and config.quantization and args.quantize != config.quantization:  # as loading says
-        raise Phi3Error(f"{args.model}: the checkpoint is quantized as {config.quantization}; "
-                        f"it cannot be loaded as {args.quantize}")
-    config.quantization = args.quantize or config.quantization
+    config.quantization = method_to_load(args.quantize, config.quantization, args.model)
     return on_meta(config, dtype)
 
 

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Phi3Error
+from .errors import Phi3Error, is_integer, is_number
 from .quantize import METHODS
 
 ROPE_TYPES = ("default", "longrope")
@@ -91,11 +91,11 @@ class Phi3Config:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise Phi3Error(f"{where}: {name} must be a positive integer, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta", "partial_rotary_factor"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise Phi3Error(f"{where}: {name} must be a positive number, got {value!r}")
         if self.rope_type not in ROPE_TYPES:
             raise Phi3Error(
@@ -129,18 +129,18 @@ class Phi3Config:
         if self.quantization is not None and self.quantization not in METHODS:
             raise Phi3Error(f"{where}: quantization must be null or {' or '.join(map(repr, METHODS))}, "
                             f"got {self.quantization!r}")
-        if self.sliding_window is not None and not (_is_count(self.sliding_window) and self.sliding_window >= 1):
+        if self.sliding_window is not None and not (is_integer(self.sliding_window) and self.sliding_window >= 1):
             raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise Phi3Error(f"{where}: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         for name in ("rope_short_factor", "rope_long_factor"):
             factors = getattr(self, name) or []
-            if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
+            if not all(is_number(f) and f > 0 for f in factors):
                 raise Phi3Error(f"{where}: longrope {name.removeprefix('rope_')} must hold positive numbers, "
                                 f"got {factors!r:.100}")
         for name in ("bos_token_id", "pad_token_id", "eos_token_id", "stop_token_ids"):
             value = getattr(self, name)
-            if value is not None and not (_is_count(value) or isinstance(value, list) and all(map(_is_count, value))):
+            if value is not None and not _is_ids(value):
                 raise Phi3Error(f"{where}: {name} must be null, a token id or a list of token ids, got {value!r:.100}")
 
     # ----------------------------------------------------------------------------- reading
@@ -231,16 +231,17 @@ class Phi3Config:
         config = cls.from_dict(read_json(path), source=str(path))
         generation = folder / "generation_config.json"
         stop_ids = read_json(generation, {}).get("eos_token_id")
-        if stop_ids is not None and not (_is_count(stop_ids) or isinstance(stop_ids, list) and all(map(_is_count, stop_ids))):
+        if stop_ids is not None and not _is_ids(stop_ids):
             raise Phi3Error(f"{generation}: eos_token_id must be a token id or a list of token ids, got {stop_ids!r:.100}")
         if _as_id_list(stop_ids):
             config.stop_token_ids = _as_id_list(stop_ids)
         return config
 
 
-def _is_count(value) -> bool:
-    """An integer >= 0 (a token id, a window), and not a bool (True would pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _is_ids(value) -> bool:
+    """A token id (an integer >= 0) or a list of them, as config.json and generation_config.json give ids."""
+    is_id = lambda i: is_integer(i) and i >= 0
+    return is_id(value) or isinstance(value, list) and all(map(is_id, value))
 
 
 def _as_id_list(ids: int | list[int] | None) -> list[int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .compiled import CompiledDecoder, static_cache
-from .errors import Phi3Error
+from .errors import Phi3Error, is_integer, is_number
 from .model import Phi3ForCausalLM, check_attention_mask, check_input_ids, check_on_device
 
 
@@ -99,7 +99,7 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
     config = model.config
     B, T = check_input_ids(input_ids, config.vocab_size)
     check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if T + max_new_tokens > config.max_position_embeddings:
         raise Phi3Error(
@@ -168,21 +168,19 @@ def last_logits(model, input_ids, cache, attention_mask) -> torch.Tensor:
 
 def stop_id_list(eos_token_id) -> list[int]:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
-    if isinstance(ids, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if isinstance(ids, (list, tuple)) and all(map(is_integer, ids)):
         return list(ids)
     raise Phi3Error(f"eos_token_id must be None, a token id or a list of token ids, got {eos_token_id!r:.80}")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None) -> None:
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-    integer = lambda x: isinstance(x, int) and not isinstance(x, bool)
-    if not number(temperature) or not 0 <= temperature < float("inf"):  # "not" also refuses NaN
+    if not is_number(temperature) or not 0 <= temperature < float("inf"):  # "not" also refuses NaN
         raise Phi3Error(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not integer(top_k) or top_k < 1):
+    if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise Phi3Error(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise Phi3Error(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if seed is not None and (not integer(seed) or not -(2**63) <= seed < 2**64):
+    if seed is not None and (not is_integer(seed) or not -(2**63) <= seed < 2**64):
         raise Phi3Error(f"seed must be an integer in -2**63..2**64 - 1 (torch's generator seeds) or None, got {seed!r}")
 
 

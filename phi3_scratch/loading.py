@@ -32,7 +32,7 @@ from torch import nn
 from .config import Phi3Config
 from .errors import Phi3Error
 from .model import check_attention_kernel
-from .quantize import check_method, quantized_names, use_quantized_modules
+from .quantize import check_method, method_to_load, quantized_names, use_quantized_modules
 
 HUB_FILES = [
     "config.json",
@@ -203,9 +203,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     files = weight_files(folder)
     dtype = resolve_dtype(dtype, device, checkpoint_dtype(folder, files))
     saved = config.quantization  # a checkpoint saved quantized holds integer weights and their scales
-    if quantize and saved and quantize != saved:
-        raise Phi3Error(f"{folder}: the checkpoint is quantized as {saved}; it cannot be loaded as {quantize}")
-    quantize = quantize or saved
+    quantize = method_to_load(quantize, saved, folder)
 
     with torch.device("meta"):
         model = cls(config)  # shapes only, no storage

@@ -33,7 +33,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import Phi3Config
-from .errors import Phi3Error
+from .errors import Phi3Error, is_integer
 from .rotary import Phi3RotaryEmbedding, apply_rotary
 
 
@@ -62,7 +62,7 @@ class Phi3ForCausalLM(nn.Module):
         would cost T x V numbers (6 GB in bf16 for 100k tokens of Phi-3's 32064-word vocabulary).
         check=False skips the input checks: generate validated its input once, before its loop.
         """
-        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        if not is_integer(logits_to_keep) or logits_to_keep < 0:
             raise Phi3Error(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
         hidden = self.model(input_ids, cache, attention_mask, check)  # (B, T, H)
         if logits_to_keep:
@@ -307,9 +307,9 @@ def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention
             f"model's max_position_embeddings {config.max_position_embeddings}"
         )
     if attention_mask is not None:
-        check_attention_mask(attention_mask, (B, past + T), "(batch, cached + new tokens)")
+        pads = check_attention_mask(attention_mask, (B, past + T), "(batch, cached + new tokens)")
         if cache is not None:  # remember padding: a later call without the mask would not see it
-            cache.padded = cache.padded or not bool(attention_mask.bool().all())
+            cache.padded = cache.padded or pads
 
 
 def check_on_device(device: torch.device, **tensors) -> None:
@@ -349,14 +349,19 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]
     return B, T
 
 
-def check_attention_mask(mask, shape: tuple[int, int], meaning: str) -> None:
+def check_attention_mask(mask, shape: tuple[int, int], meaning: str) -> bool:
+    """Refuse a mask of another type, shape or values; return whether it pads (one read of the device)."""
     if not isinstance(mask, torch.Tensor):
         raise Phi3Error(f"attention_mask must be a tensor of 0 and 1, got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
         raise Phi3Error(f"attention_mask must have shape {meaning} = {shape}, got {tuple(mask.shape)}")
-    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+    valid = pads = False  # a float or complex mask is refused without reading it
+    if not (mask.dtype.is_floating_point or mask.dtype.is_complex):
+        valid, pads = torch.stack([((mask == 0) | (mask == 1)).all(), (mask == 0).any()]).tolist()
+    if not valid:
         raise Phi3Error(f"attention_mask must hold only 0 (padding) and 1 (real token) as integers or bools, "
                         f"got dtype {mask.dtype} with values {mask.unique().tolist()[:6]}")
+    return pads
 
 
 def check_attention_kernel(kernel) -> None:

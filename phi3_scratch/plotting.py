@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import Phi3Error
+from .errors import Phi3Error, is_integer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -65,7 +65,7 @@ def _matplotlib():
 
 
 def _check_index(name: str, value, count: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
+    if not is_integer(value) or not 0 <= value < count:
         raise Phi3Error(f"{name} must be an integer in 0..{count - 1}, got {value!r}")
     return value
 
@@ -165,7 +165,7 @@ def save_attention_png(fig: Figure, out: str | Path, dpi: int = 100) -> tuple[in
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise Phi3Error(f"the attention picture is written as PNG: out must end in .png, got {str(out)!r}")
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
+    if not is_integer(dpi) or dpi <= 0:
         raise Phi3Error(f"dpi must be a positive integer, got {dpi!r}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

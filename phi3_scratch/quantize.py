@@ -157,6 +157,14 @@ def check_method(quantize) -> None:
         raise Phi3Error(f"quantize must be None or one of {list(METHODS)}, got {quantize!r}")
 
 
+def method_to_load(requested: str | None, saved: str | None, where) -> str | None:
+    """The quantization a load ends with: a checkpoint saved quantized keeps its method, and asking
+    for another is refused (its integers cannot be quantized again)."""
+    if requested and saved and requested != saved:
+        raise Phi3Error(f"{where}: the checkpoint is quantized as {saved}; it cannot be loaded as {requested}")
+    return requested or saved
+
+
 def swap_in(model, name: str, method: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
     """Replace the module `name` by an empty quantized one of its shape, on its device; (old, new)."""
     parent, _, attr = name.rpartition(".")

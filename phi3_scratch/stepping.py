@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import Phi3Error
+from .errors import Phi3Error, is_integer
 from .generation import last_logits, next_logits
 from .model import Phi3ForCausalLM, check_input_ids
 
@@ -66,7 +66,7 @@ class Stepper:
         check_input_ids(ids, model.config.vocab_size)  # integers in the vocabulary: 1.7 is refused, not cut to 1
         ids = ids.long()
         for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise Phi3Error(f"{name} must be a positive integer, got {value!r}")
         if ids.shape[1] >= model.config.max_position_embeddings:
             raise Phi3Error(f"the prompt has {ids.shape[1]} tokens: no room for a new one in the model's "

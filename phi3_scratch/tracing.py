@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import Phi3Error
+from .errors import Phi3Error, is_number
 from .model import Phi3ForCausalLM, check_input_ids, check_on_device
 
 MODEL_NAMES = ("embed", "positions", "mask", "final_norm", "logits")
@@ -66,7 +66,7 @@ class Trace(Records):
         return isinstance(name, str) and name in self.flat()
 
     def get(self, name: str, default=None):
-        return self[name] if name in self else default
+        return self.flat().get(name, default)
 
     def flat(self) -> dict[str, torch.Tensor]:
         """Every record in forward order: embed, layers.0.input_norm, ..., final_norm, logits."""
@@ -157,7 +157,7 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
     weight = model.model.embed_tokens.weight
     check_on_device(weight.device, input_ids=input_ids)
     tolerance = default_tolerance(weight.dtype) if tolerance is None else tolerance
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 < tolerance < float("inf"):
+    if not is_number(tolerance) or not 0 < tolerance < float("inf"):
         raise Phi3Error(f"tolerance must be a positive number (a relative difference), got {tolerance!r}")
     theirs_dtype = next(hf_model.parameters()).dtype
     if theirs_dtype != weight.dtype:
