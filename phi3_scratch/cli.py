@@ -208,7 +208,7 @@ def cmd_chat(args) -> None:
         readline = None
     log(f"chat: type a message. {CHAT_HELP}")
     history: list[dict] = []
-    limit = model.config.max_position_embeddings - args.max_new_tokens  # room left for the prompt
+    limit = model.config.max_position_embeddings + 1 - args.max_new_tokens  # room for the prompt (the last token is not fed back)
     while True:
         try:
             line = input("you> ").strip()

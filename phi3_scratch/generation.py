@@ -63,11 +63,12 @@ def stream_tokens(
     # Columns of padding every row has: LongRoPE counts the longest row's real tokens, not the width.
     padding = 0 if attention_mask is None else T - int(attention_mask.sum(1).max())
     cache = decoder = None
+    positions = T + max_new_tokens - 1  # what the model reads: the last new token is returned, never fed back
     if use_cache and compile:
-        cache = static_cache(model, B, T + max_new_tokens)
+        cache = static_cache(model, B, positions)
         decoder = CompiledDecoder(model, cache, attention_mask)  # keeps the prompt's padding in the cache
     elif use_cache:
-        cache = model.new_cache(B, max_len=T + max_new_tokens)
+        cache = model.new_cache(B, max_len=positions)
     logits = last_logits(model, seq, cache, attention_mask)  # (B, V): prefill
     finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,): rows that hit a stop id
     stopped = None  # (): "every row had stopped" one step ago, still on the device
@@ -101,10 +102,11 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
     check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
     if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if T + max_new_tokens > config.max_position_embeddings:
+    if T + max_new_tokens - 1 > config.max_position_embeddings:  # the last new token is never fed back
         raise Phi3Error(
-            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {T + max_new_tokens} positions, "
-            f"more than the model's max_position_embeddings {config.max_position_embeddings}"
+            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} - 1 (the last new token is not fed back) = "
+            f"{T + max_new_tokens - 1} positions, more than the model's max_position_embeddings "
+            f"{config.max_position_embeddings}"
         )
     if attention_mask is not None:
         check_attention_mask(attention_mask, (B, T), "the shape of input_ids")

@@ -163,8 +163,9 @@ def test_empty_prompt(checkpoints):
 
 def test_prompt_plus_new_tokens_longer_than_the_model_or_cache(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])  # 64 positions
-    with pytest.raises(p3.Phi3Error, match="prompt of 60 tokens \\+ max_new_tokens=5 = 65 positions, more than the model's max_position_embeddings 64"):
-        p3.generate(model, torch.ones(1, 60, dtype=torch.long), 5)
+    with pytest.raises(p3.Phi3Error, match=r"prompt of 61 tokens \+ max_new_tokens=5 - 1 \(the last new token is not fed "
+                                           r"back\) = 65 positions, more than the model's max_position_embeddings 64"):
+        p3.generate(model, torch.ones(1, 61, dtype=torch.long), 5)
     with pytest.raises(p3.Phi3Error, match="sequence of 65 positions .* longer than the model's max_position_embeddings 64"):
         model(torch.ones(1, 65, dtype=torch.long))
     with pytest.raises(p3.Phi3Error, match="max_new_tokens must be a positive integer, got 0"):

@@ -236,3 +236,15 @@ def test_fp16_left_padding_gives_no_nan(checkpoints):
     assert torch.isfinite(logits[mask.bool()]).all()
     reference = p3.Phi3ForCausalLM.from_pretrained(folder)(ids[:1, 5:])
     assert (logits[0, 5:].float() - reference[0]).abs().max() < 0.05
+
+
+def test_generation_may_end_one_token_past_the_last_position(checkpoints):
+    """The last new token is returned, never fed back: a 60-token prompt and 5 new tokens read 64
+    positions, all a 64-position model has, so the sequence may end at 65 tokens (transformers too)."""
+    folder, hf = checkpoints("tiny-window")  # max_position_embeddings 64
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(5))
+    expected = hf_generate(hf, ids, 5, eos=[])
+    assert expected.shape == (1, 65)
+    for options in ({}, {"use_cache": False}, {"compile": True}):
+        assert torch.equal(p3.generate(model, ids, 5, eos_token_id=[], **options), expected), options
