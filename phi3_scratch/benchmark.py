@@ -49,7 +49,7 @@ import torch
 
 import phi3_scratch as p3
 from phi3_scratch import compiled, family, generation
-from phi3_scratch.loading import finish_meta_model, set_parameter
+from phi3_scratch.loading import finish_meta_model, set_parameter, weight_bytes
 
 # phi3_scratch's variants and the measures each runs (by name prefix; a variant with None runs all).
 DECODE = ("first_token", "decode_cached")
@@ -137,7 +137,7 @@ def build(args, device, dtype):
 def model_bytes(model) -> tuple[int, int]:
     """(bytes of all the weights, bytes a decode step reads): every weight once, except the embedding
     matrix, of which a step reads one row (unless the head is tied to it and reads all of it)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     embed = model.model.embed_tokens.weight
     return weights, weights - (0 if model.config.tie_word_embeddings else embed.numel() * embed.element_size())
 

@@ -28,7 +28,7 @@ import torch
 from .errors import Phi3Error
 from .generation import check_sampling, generate, stream_tokens
 from .config import Phi3Config
-from .loading import CONFIG_FILES, resolve_checkpoint, resolve_device, resolve_dtype
+from .loading import CONFIG_FILES, resolve_checkpoint, resolve_device, resolve_dtype, weight_bytes
 from .model import Phi3ForCausalLM
 from .quantize import LINEAR, METHODS, method_to_load, use_quantized_modules
 from .tokenizer import Tokenizer
@@ -150,10 +150,6 @@ def count(model) -> int:
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, tuple(LINEAR.values()))}
     plain = sum(p.numel() for name, p in model.named_parameters() if name.rpartition(".")[0] not in quantized)
     return plain + sum(m.in_features * m.out_features for m in quantized.values())
-
-
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def stop_ids(model, tokenizer) -> list[int]:

@@ -281,3 +281,8 @@ def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Make `tensor` itself (no copy) the parameter called `name`, e.g. model.layers.0.mlp.down_proj.weight."""
     module_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight as loaded (a quantized matrix counts its integers, scales and offsets)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

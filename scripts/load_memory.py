@@ -23,6 +23,7 @@ import torch
 
 import phi3_scratch as p3
 from phi3_scratch.benchmark import MINI  # Phi-3-mini-4k-instruct's shape; `make --mini-layers N` keeps N layers
+from phi3_scratch.loading import weight_bytes
 from phi3_scratch.quantize import METHODS
 
 SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
@@ -85,7 +86,7 @@ def measure(folder: Path, naive: bool, device: str = "cpu", quantize: str | None
     else:
         model = p3.Phi3ForCausalLM.from_pretrained(folder, device=device, dtype=None if cuda else torch.float32,
                                                    quantize=quantize)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     row = {"loader": "naive" if naive else "phi3_scratch", "quantize": quantize, "device": device,
            "weights_bytes": weights,
            "checkpoint_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
