@@ -1,8 +1,16 @@
-"""The one exception this package raises for a user's mistake, and the two type tests its checks share.
+"""The one exception this package raises for a user's mistake, the two type tests its checks share,
+and `warn`, for what is allowed but probably not meant.
 
 Every message names the file, tensor or argument that is wrong, the value that was expected and
 the value that was found, so that nobody has to read a traceback from deep inside torch.
 """
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
 
 
 class Phi3Error(ValueError):
@@ -17,3 +25,13 @@ def is_integer(value) -> bool:
 def is_number(value) -> bool:
     """An int or a float, and not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def warn(message: str) -> None:
+    """A UserWarning attributed to the user's line: the first frame outside this package and torch
+    (generate, stream_tokens, from_pretrained and torch's inference_mode wrapper lie in between)."""
+    inside = (str(Path(__file__).parent) + os.sep, str(Path(torch.__file__).parent) + os.sep)
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

@@ -17,16 +17,12 @@ breakpoint stops: debug with the default, eager.
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from .compiled import CompiledDecoder, static_cache
-from .errors import Phi3Error, is_integer, is_number
+from .errors import Phi3Error, is_integer, is_number, warn
 from .model import Phi3ForCausalLM, check_attention_mask, check_input_ids, check_on_device
 
 
@@ -43,21 +39,21 @@ def stream_tokens(
     top_p: float | None = None,
     seed: int | None = None,
     compile: bool = False,
+    pad_token_id: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), one step at a time.
 
     eos_token_id: the stop ids. None means the model's (generation_config.json, else config.json);
-    [] never stops early. A row that has stopped gets the pad id until every row has stopped.
+    [] never stops early. A row that has stopped gets the pad id until every row has stopped:
+    pad_token_id, or None for the model's (config.pad_token_id, else the first stop id).
     temperature 0 is greedy; above 0 the token is drawn by `sample` with top_k, top_p and seed.
     compile=True runs each decode step as one compiled step (compiled.py; a CUDA graph on a GPU).
     """
-    config = model.config
-    stop_ids = check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
-                                temperature, top_k, top_p, seed, compile)  # once, before the loop
+    stop_ids, pad_id = check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
+                                        temperature, top_k, top_p, seed, compile, pad_token_id)  # once, before the loop
     B, T = input_ids.shape
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
 
     seq = input_ids.long()  # (B, T), and attention_mask (B, T) with it: one column longer a step
     # Columns of padding every row has: LongRoPE counts the longest row's real tokens, not the width.
@@ -95,8 +91,8 @@ def stream_tokens(
 
 
 def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask, temperature,
-                     top_k, top_p, seed, compile) -> list[int]:
-    """stream_tokens' arguments checked, with the reason for each refusal; returns the stop ids."""
+                     top_k, top_p, seed, compile, pad_token_id=None) -> tuple[list[int], int]:
+    """stream_tokens' arguments checked, with the reason for each refusal; returns the stop ids and the pad id."""
     config = model.config
     B, T = check_input_ids(input_ids, config.vocab_size)
     check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
@@ -129,17 +125,19 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
     if outside:  # no token could ever match: generation would never stop
         where = "eos_token_id" if eos_token_id is not None else "the model's stop ids (config.stop_token_ids)"
         raise Phi3Error(f"{where}: {outside} outside the vocabulary, 0..{config.vocab_size - 1}")
-    return stop_ids
-
-
-def warn(message: str) -> None:
-    """A UserWarning attributed to the user's line: the first frame outside this package and torch
-    (generate, stream_tokens and torch's inference_mode wrapper lie in between)."""
-    inside = (str(Path(__file__).parent) + os.sep, str(Path(torch.__file__).parent) + os.sep)
-    frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
+    if pad_token_id is not None:
+        pad_id, where = pad_token_id, "pad_token_id"
+        if not is_integer(pad_id):
+            raise Phi3Error(f"pad_token_id must be a token id or None, got {pad_id!r}")
+    elif config.pad_token_id is not None:
+        pad_id, where = config.pad_token_id, "the model's pad id (config.pad_token_id)"
+    else:
+        pad_id, where = (stop_ids[0] if stop_ids else 0), "the pad id"
+    # A row that stops early is fed the pad id while the others go on.
+    if B > 1 and stop_ids and not 0 <= pad_id < config.vocab_size:
+        raise Phi3Error(f"{where}: {pad_id} is outside the vocabulary, 0..{config.vocab_size - 1}; a row that "
+                        f"stops before the others is filled with it (give pad_token_id=...)")
+    return stop_ids, pad_id
 
 
 def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None, padding: int = 0) -> torch.Tensor:
@@ -229,8 +227,9 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     compile: bool = False,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """Greedy (or sampled) decoding. Returns the prompt and the new tokens, (B, T + new), new <= max_new_tokens."""
     new = list(stream_tokens(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
-                             temperature, top_k, top_p, seed, compile))
+                             temperature, top_k, top_p, seed, compile, pad_token_id))
     return torch.cat([input_ids.long(), torch.stack(new, dim=1)], dim=1)

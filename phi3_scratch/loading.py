@@ -30,9 +30,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import Phi3Config
-from .errors import Phi3Error
+from .errors import Phi3Error, warn
 from .model import check_attention_kernel
-from .quantize import check_method, method_to_load, quantized_names, use_quantized_modules
+from .quantize import check_method, method_to_load, quantized_names, swap_in, use_quantized_modules
 
 HUB_FILES = [
     "config.json",
@@ -218,6 +218,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
             del expected[f"{module_name}.{param_name}"]
         expected[name] = (module.out_features, module.in_features)
     loaded: set[str] = set()
+    stored_head = None  # a tied checkpoint's own copy of the head, if it has one: compared at the end
     total = len(expected)
     for file in files:
         path = folder / file
@@ -225,7 +226,8 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
             names = list(f.keys())
         for name in names:
             if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # some exports store the tied head too; the embedding is used
+                stored_head = path  # some exports store the tied head too (Phi-4-mini): see keep_a_different_head
+                continue
             if name not in expected:
                 raise Phi3Error(f"{path}: unexpected tensor {name!r}, which a Phi-3 model with this config does not have")
             if name in loaded:  # which copy is meant? refuse rather than let the later file win
@@ -264,8 +266,39 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
         raise Phi3Error(f"checkpoint {folder} is missing {len(missing)} tensor(s): {shown}")
 
     finish_meta_model(model, device)
+    if stored_head is not None:
+        keep_a_different_head(model, stored_head, dtype, quantize)
     config.quantization = quantize
     return model.set_attention(attention).eval()
+
+
+def keep_a_different_head(model: nn.Module, path: Path, dtype: torch.dtype, quantize: str | None) -> None:
+    """A checkpoint whose config ties the head to the embedding but which also stores lm_head.weight.
+
+    A copy equal to the embedding changes nothing: the head stays tied. A different one (a fine-tune
+    saved without untying its config, say) is the head the checkpoint was trained with: it is used,
+    untied, with a warning, as transformers does. Compared block by block, so that no second copy
+    of a 200,064-row embedding (Phi-4-mini) is ever made on the device.
+    """
+    embedding = model.model.embed_tokens.weight  # (V, H), loaded
+    with _open(path) as f:
+        head = f.get_slice("lm_head.weight")
+        shape = tuple(head.get_shape())
+        if shape != tuple(embedding.shape):
+            raise Phi3Error(f"{path}: tensor 'lm_head.weight' has shape {shape}, but config.json implies "
+                            f"{tuple(embedding.shape)}")
+        rows = 4096
+        if all(torch.equal(head[i : i + rows].to(embedding.device, embedding.dtype), embedding[i : i + rows])
+               for i in range(0, shape[0], rows)):
+            return
+        tensor = f.get_tensor("lm_head.weight").to(device=embedding.device, dtype=dtype)
+    warn(f"{path}: config.json ties the head to the embedding (tie_word_embeddings), but this checkpoint also "
+         f"stores an lm_head.weight that differs from it: the stored head is used, untied, as in transformers")
+    model.config.tie_word_embeddings = False
+    if quantize:  # an untied head is quantized like the layers' matrices (quantize.quantized_names)
+        swap_in(model, "lm_head", quantize, dtype)[1].set_weight(tensor)
+    else:
+        set_parameter(model, "lm_head.weight", tensor)
 
 
 def finish_meta_model(model: nn.Module, device: torch.device) -> None:

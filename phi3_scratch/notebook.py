@@ -128,7 +128,7 @@ class NotebookModel(Wrapper):
         if input_ids is None:
             raise Phi3Error("model.generate: input_ids is required")
         return generate(self.causal_lm, input_ids, max_new_tokens, use_cache=use_cache, eos_token_id=eos_token_id,
-                        attention_mask=attention_mask, temperature=1.0 if do_sample else 0.0)
+                        attention_mask=attention_mask, temperature=1.0 if do_sample else 0.0, pad_token_id=pad_token_id)
 
 
 class AutoModelForCausalLM:

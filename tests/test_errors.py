@@ -284,6 +284,33 @@ def test_tied_checkpoint_that_also_stores_the_head(checkpoints, tmp_path):
     assert seen[-1][0] == seen[-1][1]  # the progress count reaches its total
 
 
+def test_tied_checkpoint_that_stores_a_different_head_uses_it_untied(checkpoints, tmp_path):
+    """A config that ties the head, and a stored lm_head.weight that is not the embedding (a fine-tune
+    saved without untying its config): transformers uses the stored head, untied, and so does this model."""
+    import transformers
+
+    src, _ = checkpoints("tiny-longrope")  # tied
+    shutil.copy(src / "config.json", tmp_path)
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match="also stores an lm_head.weight that differs from it: the stored head is used"):
+        model = p3.Phi3ForCausalLM.from_pretrained(tmp_path)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight, tensors["lm_head.weight"])
+    theirs = transformers.Phi3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.warns(UserWarning, match="the stored head is used"):  # quantized like any untied head
+        quantized = p3.Phi3ForCausalLM.from_pretrained(tmp_path, quantize="int8")
+    quantized.save_pretrained(tmp_path / "int8")
+    again = p3.Phi3ForCausalLM.from_pretrained(tmp_path / "int8")  # saved untied: no warning, the same logits
+    assert torch.equal(again(ids), quantized(ids)) and type(again.lm_head).__name__ == "Int8Linear"
+
+
 def test_a_cache_filled_with_padding_needs_the_mask_on_every_call(checkpoints):
     """Without the mask, the next call would attend to the padded keys and shift every position."""
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])

@@ -248,3 +248,26 @@ def test_generation_may_end_one_token_past_the_last_position(checkpoints):
     assert expected.shape == (1, 65)
     for options in ({}, {"use_cache": False}, {"compile": True}):
         assert torch.equal(p3.generate(model, ids, 5, eos_token_id=[], **options), expected), options
+
+
+def test_a_row_that_stopped_is_padded_with_the_pad_token_id_given(checkpoints):
+    """pad_token_id= fills a row that stopped before the others, as in transformers' generate; a pad
+    id outside the vocabulary, which that row would be fed, is refused."""
+    folder, hf = checkpoints("tiny-window")
+    model = p3.Phi3ForCausalLM.from_pretrained(folder)
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    free = p3.generate(model, ids, 12, eos_token_id=[])
+    stop = next(int(t) for t in free[0, 5:] if int(t) not in free[1, 5:].tolist())  # row 0 stops, row 1 goes on
+    ours = p3.generate(model, ids, 12, eos_token_id=[stop], pad_token_id=7)
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             eos_token_id=[stop], pad_token_id=7)
+    assert torch.equal(ours, theirs) and (ours[0, -1] == 7)
+    notebook = p3.AutoModelForCausalLM.from_pretrained(str(folder))  # the notebook's generate passes it on
+    assert torch.equal(notebook.generate(input_ids=ids, max_new_tokens=12, eos_token_id=[stop], pad_token_id=7), ours)
+    with pytest.raises(p3.Phi3Error, match=r"pad_token_id: 256 is outside the vocabulary, 0..255; a row that stops"):
+        p3.generate(model, ids, 12, eos_token_id=[stop], pad_token_id=256)
+    model.config.pad_token_id = 32000  # Phi3Config's default, for a config built in code with a small vocabulary
+    with pytest.raises(p3.Phi3Error, match=r"the model's pad id \(config.pad_token_id\): 32000 is outside"):
+        p3.generate(model, ids, 12, eos_token_id=[stop])
+    assert p3.generate(model, ids[:1], 3, eos_token_id=[stop]).shape[0] == 1  # one row is never fed the pad id
