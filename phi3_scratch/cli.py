@@ -537,7 +537,7 @@ def build_parser() -> Parser:
     chat = Parser(add_help=False)
     chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     prompt = Parser(add_help=False)
-    prompt.add_argument("prompt", nargs="?", default=None, help="the prompt; - reads it from standard input")
+    prompt.add_argument("prompt", nargs="?", default=None, help="the prompt; - reads it from standard input (less the newline that ends it)")
     prompt.add_argument("-p", "--prompt", dest="prompt_flag", metavar="PROMPT", default=None,
                         help="the prompt, as an option (instead of the argument)")
 
@@ -591,7 +591,16 @@ def resolve_prompt(args) -> None:
     if args.prompt is None:
         raise Phi3Error(f"{args.command} needs a PROMPT: as an argument, with -p, or '-' to read standard input")
     if args.prompt == "-":
-        args.prompt = sys.stdin.read()
+        if args.command == "step":  # its answers come from standard input: a prompt there would use them up
+            raise Phi3Error("step reads its choices from standard input: give the prompt as an argument or with -p, not '-'")
+        args.prompt = read_stdin()
+
+
+def read_stdin() -> str:
+    """The prompt piped in, without the one newline that ends it (`echo text |` adds one): a newline
+    is a token, and the model would continue after it."""
+    text = sys.stdin.read()
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -600,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         if "prompt_flag" in args:
             resolve_prompt(args)
         elif getattr(args, "prompt", None) == "-":  # compare and tour: --prompt - reads standard input too
-            args.prompt = sys.stdin.read()
+            args.prompt = read_stdin()
         if "model" in args and not args.model.strip():
             raise Phi3Error("--model is empty: give a checkpoint folder, a Hugging Face repo id or 'tiny'")
         if "prompt" in args and args.prompt is not None and not args.prompt.strip():

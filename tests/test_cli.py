@@ -365,8 +365,11 @@ def test_prompt_as_argument_option_or_stdin(tiny, capsys, monkeypatch):
     base = ["generate", "--model", tiny, "-n", 12]
     positional = run(capsys, base[0], "Each decoder layer", *base[1:])[1]
     assert run(capsys, *base, "-p", "Each decoder layer")[1] == positional
-    monkeypatch.setattr("sys.stdin", io.StringIO("Each decoder layer"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Each decoder layer\n"))  # as `echo ... |` sends it: the newline goes
     assert run(capsys, base[0], "-", *base[1:])[1] == positional
+    monkeypatch.setattr("sys.stdin", io.StringIO("1\n"))
+    code, _, err = run(capsys, "step", "-", "--model", tiny)  # its choices come from standard input
+    assert code == 1 and "step reads its choices from standard input" in err
     code, _, err = run(capsys, base[0], "x", *base[1:], "-p", "y")
     assert code == 1 and "the prompt was given twice" in err
     code, _, err = run(capsys, "next-token", "--model", tiny)
