@@ -1,4 +1,4 @@
-"""The one exception this package raises for a user's mistake, the two type tests its checks share,
+"""The one exception this package raises for a user's mistake, the type tests its checks share,
 and `warn`, for what is allowed but probably not meant.
 
 Every message names the file, tensor or argument that is wrong, the value that was expected and
@@ -25,6 +25,12 @@ def is_integer(value) -> bool:
 def is_number(value) -> bool:
     """An int or a float, and not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def type_name(value) -> str:
+    """Its type, with the module where two libraries share a class name (transformers' Phi3ForCausalLM and ours)."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def warn(message: str) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from .compiled import CompiledDecoder, static_cache
 from .errors import Phi3Error, is_integer, is_number, warn
-from .model import Phi3ForCausalLM, check_attention_mask, check_input_ids, check_on_device
+from .model import Phi3ForCausalLM, as_causal_lm, check_attention_mask, check_input_ids, check_on_device
 
 
 @torch.inference_mode()
@@ -49,6 +49,7 @@ def stream_tokens(
     temperature 0 is greedy; above 0 the token is drawn by `sample` with top_k, top_p and seed.
     compile=True runs each decode step as one compiled step (compiled.py; a CUDA graph on a GPU).
     """
+    model = as_causal_lm(model, "generate(model, input_ids)")
     stop_ids, pad_id = check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
                                         temperature, top_k, top_p, seed, compile, pad_token_id)  # once, before the loop
     B, T = input_ids.shape

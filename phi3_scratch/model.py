@@ -33,7 +33,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import Phi3Config
-from .errors import Phi3Error, is_integer
+from .errors import Phi3Error, is_integer, type_name
 from .rotary import Phi3RotaryEmbedding, apply_rotary
 
 
@@ -310,6 +310,16 @@ def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention
         pads = check_attention_mask(attention_mask, (B, past + T), "(batch, cached + new tokens)")
         if cache is not None:  # remember padding: a later call without the mask would not see it
             cache.padded = cache.padded or pads
+
+
+def as_causal_lm(model, where: str) -> Phi3ForCausalLM:
+    """The Phi3ForCausalLM a tool runs: `model` itself, or the one a notebook model wraps (notebook.py)."""
+    inner = getattr(model, "causal_lm", model)  # p3.AutoModelForCausalLM's model keeps the plain one there
+    if not isinstance(inner, Phi3ForCausalLM):
+        hint = " (the body, model.model: pass the whole model)" if isinstance(model, Phi3Model) else ""
+        raise Phi3Error(f"{where}: model must be this package's Phi3ForCausalLM (p3.Phi3ForCausalLM.from_pretrained), "
+                        f"got {type_name(model)}{hint}")
+    return inner
 
 
 def check_on_device(device: torch.device, **tensors) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from .errors import Phi3Error, is_integer
 from .generation import last_logits, next_logits
-from .model import Phi3ForCausalLM, check_input_ids
+from .model import Phi3ForCausalLM, as_causal_lm, check_input_ids
 
 
 @dataclass
@@ -49,6 +49,7 @@ class StepRecord:
 
 class Stepper:
     def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_new_tokens: int = 256):
+        model = as_causal_lm(model, "Stepper(model, prompt_ids)")
         if isinstance(prompt_ids, str):
             raise Phi3Error("prompt_ids must be token ids, not text: encode it first, tokenizer.encode(text)")
         if tokenizer is not None and not hasattr(tokenizer, "id_to_piece"):
@@ -63,7 +64,10 @@ class Stepper:
         if ids.dim() != 1:
             raise Phi3Error(f"prompt_ids must be one sequence (a list, a 1-D tensor or shape (1, T)), got shape {tuple(ids.shape)}")
         ids = ids[None]  # (1, T)
-        check_input_ids(ids, model.config.vocab_size)  # integers in the vocabulary: 1.7 is refused, not cut to 1
+        try:  # integers in the vocabulary: 1.7 is refused, not cut to 1
+            check_input_ids(ids, model.config.vocab_size)
+        except Phi3Error as e:  # its messages say input_ids, the name of generate's argument
+            raise Phi3Error(str(e).replace("input_ids", "prompt_ids")) from None
         ids = ids.long()
         for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
             if not is_integer(value) or value < 1:

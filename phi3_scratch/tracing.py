@@ -25,8 +25,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import Phi3Error, is_number
-from .model import Phi3ForCausalLM, check_input_ids, check_on_device
+from .errors import Phi3Error, is_number, type_name
+from .model import Phi3ForCausalLM, as_causal_lm, check_input_ids, check_on_device
 
 MODEL_NAMES = ("embed", "positions", "mask", "final_norm", "logits")
 LAYER_NAMES = ("input_norm", "q", "k", "v", "attn_probs", "attn_out", "attn_residual", "post_attn_norm",
@@ -94,7 +94,7 @@ def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
             raise Phi3Error(f"trace(only=...): {unknown} are not names a trace records; expected a set of bare "
                             f"names (a layer's are kept in every layer) from {sorted(known)}")
         only = set(only)
-    body = model.model
+    body = as_causal_lm(model, "trace(model)").model
     outer, body.trace = body.trace, Trace(len(body.layers), only)
     try:
         yield body.trace
@@ -109,6 +109,7 @@ def logit_lens(model: Phi3ForCausalLM, input_ids: torch.Tensor, all_positions: b
     Returns fp32 logits (num_layers, B, V) for the last position, or (num_layers, B, T, V) for
     every position; the last layer's equal the model's own logits.
     """
+    model = as_causal_lm(model, "logit_lens(model, input_ids)")
     with trace(model, only={"residual"}) as t:
         model.model(input_ids)
     residuals = torch.stack([layer["residual"] for layer in t.layers])  # (L, B, T, H)
@@ -147,12 +148,15 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
     the place to start looking). `hf_model` is transformers' Phi3ForCausalLM on the same weights
     (eager attention, so that it returns its attention probabilities).
     """
-    if not isinstance(model, Phi3ForCausalLM):
-        raise Phi3Error(f"compare_with_transformers(model, hf_model, input_ids): model must be this package's "
-                        f"Phi3ForCausalLM, got {type(model).__name__}")
+    model = as_causal_lm(model, "compare_with_transformers(model, hf_model, input_ids)")
     if type(hf_model).__name__ != "Phi3ForCausalLM" or isinstance(hf_model, Phi3ForCausalLM):
         raise Phi3Error(f"compare_with_transformers(model, hf_model, input_ids): hf_model must be transformers' "
-                        f"Phi3ForCausalLM, got {type(hf_model).__name__}")
+                        f"Phi3ForCausalLM, got {type_name(hf_model)}")
+    ours_shape, theirs_shape = shape_of(model.config), shape_of(hf_model.config)
+    if ours_shape != theirs_shape:
+        fields = ", ".join(f"{k} {ours_shape[k]} vs {theirs_shape[k]}" for k in ours_shape if ours_shape[k] != theirs_shape[k])
+        raise Phi3Error(f"compare_with_transformers: the two models have different shapes (ours vs transformers'): "
+                        f"{fields}; load both from one checkpoint")
     check_input_ids(input_ids, model.config.vocab_size)
     weight = model.model.embed_tokens.weight
     check_on_device(weight.device, input_ids=input_ids)
@@ -199,6 +203,13 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
                          first_bad=not ok and not seen_bad))
         seen_bad = seen_bad or not ok
     return rows
+
+
+def shape_of(config) -> dict:
+    """The config fields that decide the tensors compared (both libraries' configs have them)."""
+    names = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "vocab_size")
+    return {name: getattr(config, name, None) for name in names}
 
 
 def _expand(table: dict[str, str], num_layers: int) -> dict[str, str]:

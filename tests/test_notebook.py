@@ -132,6 +132,23 @@ def test_the_plain_api_is_unchanged_and_arguments_it_lacks_are_refused():
         p3.AutoModelForCausalLM.from_pretrained("tiny", device_map={"": 0})
 
 
+def test_the_learning_tools_take_the_notebooks_model():
+    """trace, the logit lens, the Stepper and generate run the plain model a notebook model wraps
+    (a trace used to be set on the wrapper and stay empty); the body alone is refused, by name."""
+    model = p3.AutoModelForCausalLM.from_pretrained("tiny")
+    plain, ids = model.causal_lm, torch.tensor([[1, 400, 401]])
+    with p3.trace(model) as t:
+        logits = model(ids).logits
+    assert torch.equal(t["logits"], logits) and t["layers.3.residual"].shape == (1, 3, 128)
+    assert torch.equal(p3.logit_lens(model, ids), p3.logit_lens(plain, ids))
+    assert p3.Stepper(model, [1, 400]).record().argmax == p3.Stepper(plain, [1, 400]).record().argmax
+    assert torch.equal(p3.generate(model, ids, 4), p3.generate(plain, ids, 4))
+    with pytest.raises(p3.Phi3Error, match=r"trace\(model\): model must be this package's Phi3ForCausalLM .*"
+                                           r"got phi3_scratch.model.Phi3Model \(the body, model.model: pass the whole"):
+        with p3.trace(plain.model):
+            pass
+
+
 def test_the_notebook_in_notebooks_runs(tmp_path):
     """notebooks/phi3_notebook.ipynb, executed by a Jupyter kernel, as a learner runs it (the tiny model)."""
     import nbclient

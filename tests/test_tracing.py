@@ -100,6 +100,9 @@ def test_comparison_checks_its_arguments(tiny_gqa, checkpoints):
     bf16 = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-longrope")[0], dtype="bf16")
     with pytest.raises(p3.Phi3Error, match="the two models run in different dtypes, ours torch.bfloat16 and transformers' torch.float32"):
         compare_with_transformers(bf16, hf, ids)
+    other = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])  # another checkpoint's shape
+    with pytest.raises(p3.Phi3Error, match=r"different shapes \(ours vs transformers'\): hidden_size 64 vs 96, num_attention_heads 4 vs 6"):
+        compare_with_transformers(other, hf, ids)
 
 
 def test_comparison_in_bf16(checkpoints):
@@ -147,6 +150,8 @@ def test_stepper_stays_consistent_after_a_forced_choice(tiny_gqa):
 
 def test_stepper_argument_checks(tiny_gqa):
     model, _ = tiny_gqa
+    with pytest.raises(p3.Phi3Error, match=r"prompt_ids is empty"):
+        p3.Stepper(model, [])
     with pytest.raises(p3.Phi3Error, match=r"prompt_ids must be one sequence .* got shape \(2, 3\)"):
         p3.Stepper(model, torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(p3.Phi3Error, match="max_new_tokens must be a positive integer, got 0"):
