@@ -153,6 +153,7 @@ class Phi3Model(nn.Module):
         h = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (B, T, rotary_dim) each
         if trace is not None:
+            trace.clear()  # a trace holds one forward pass: this one
             trace.record(embed=h, positions=positions, mask=mask)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, slots, None if trace is None else trace.layers[i])  # (B, T, H)

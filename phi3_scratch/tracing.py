@@ -5,7 +5,8 @@
     t["layers.3.attn_probs"]            # (B, heads, T, S): the probabilities layer 3 used
     print(t)                            # every name with its shape
 
-Recorded per forward call (a later call inside the block replaces the earlier values):
+Recorded per forward call (each call inside the block starts the records afresh, so they are
+always one pass's; logits only when the call went through Phi3ForCausalLM, not its body alone):
     embed, positions, mask (the additive fp32 mask), final_norm, logits (through Phi3ForCausalLM)
     layers.{i}.input_norm   the normed input of the attention              (B, T, H)
     layers.{i}.q            after rotary, new positions only                (B, nH, T, hd)
@@ -48,8 +49,8 @@ class Records(dict):
 
 class Trace(Records):
     """The records of one forward pass. Model-level names (embed, positions, mask, final_norm, logits) live in
-    the dict itself, layer i's in `layers[i]`; `t["layers.3.q"]`, `"layers.3.q" in t`, `t.get(...)`
-    and `t.flat()` (everything, in forward order) read both."""
+    the dict itself, layer i's in `layers[i]`; `t["layers.3.q"]`, `"layers.3.q" in t`, `t.get(...)`,
+    len(t), iterating, keys(), items() and `t.flat()` (everything, in forward order) read both."""
 
     def __init__(self, num_layers: int, only: set[str] | None = None):
         super().__init__(only)
@@ -65,8 +66,29 @@ class Trace(Records):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self.flat()
 
+    def clear(self) -> None:
+        """Forget every record, the layers' too (the model does this as each forward pass begins)."""
+        super().clear()
+        for layer in self.layers:
+            layer.clear()
+
     def get(self, name: str, default=None):
         return self.flat().get(name, default)
+
+    def __iter__(self):
+        return iter(self.flat())
+
+    def __len__(self) -> int:
+        return len(self.flat())
+
+    def keys(self):
+        return self.flat().keys()
+
+    def items(self):
+        return self.flat().items()
+
+    def values(self):
+        return self.flat().values()
 
     def flat(self) -> dict[str, torch.Tensor]:
         """Every record in forward order: embed, layers.0.input_norm, ..., final_norm, logits."""

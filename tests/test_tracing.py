@@ -55,6 +55,18 @@ def test_trace_of_a_cached_decode_step_and_nested_traces(tiny_gqa):
     assert outer["layers.1.attn_probs"].shape == (1, 6, 1, 8)  # the last call inside the outer block
 
 
+def test_a_trace_holds_one_forward_pass_never_a_mix(tiny_gqa):
+    """The body called alone after the whole model: the trace is the body's call, without the
+    earlier call's logits (which would not belong to its final_norm)."""
+    model, _ = tiny_gqa
+    ids = torch.randint(3, 256, (1, 6))
+    with torch.no_grad(), p3.trace(model) as t:
+        model(ids)
+        model.model(ids[:, :2])
+    assert t["final_norm"].shape[1] == t["layers.0.q"].shape[2] == 2 and "logits" not in t
+    assert list(t) == list(t.keys()) == list(t.flat()) and len(t) == 3 + 10 * len(t.layers) + 1  # every name, layers' too
+
+
 def test_logit_lens_last_layer_is_the_model_output(tiny_gqa):
     model, _ = tiny_gqa
     ids = torch.randint(3, 256, (1, 7))
