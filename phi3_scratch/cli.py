@@ -107,6 +107,10 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
             raise
         raise Phi3Error(f"{e}. A checkpoint saved without its tokenizer (save_pretrained writes none) "
                         f"can take one from elsewhere: --tokenizer DIR (or a repo id, or 'tiny')") from None
+    positions = model_config(args).max_position_embeddings
+    if getattr(args, "max_new_tokens", 0) > positions:  # before the weights: a prompt has at least one token
+        raise Phi3Error(f"--max-new-tokens {args.max_new_tokens}: more new tokens than the model has positions "
+                        f"({positions}), prompt included")
     folder = model_folder(args)
     say_memory(args, folder)
     log(f"loading {args.model} ({folder}) onto {args.device}")
@@ -433,9 +437,11 @@ def cmd_lens(args) -> None:
 
 
 def cmd_attention(args) -> None:
-    from .plotting import attention_figure, attention_maps, save_attention_png
+    from .plotting import attention_figure, attention_maps, check_png_path, need_matplotlib, save_attention_png
     from .tracing import trace
 
+    check_png_path(args.out)  # the picture's name and matplotlib, before the weights load
+    need_matplotlib()
     if args.layer != "all" and not digits(args.layer):
         raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")
     layer = "all" if args.layer == "all" else int(args.layer)

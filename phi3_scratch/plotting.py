@@ -43,16 +43,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import Phi3Error, is_integer
+from .errors import Phi3Error, is_integer, is_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MAX_LABELS = 40  # at most this many token labels per axis; longer sequences label every k-th token
 MAX_SIDE_IN = 20.0  # figure size bound, inches, each side
+MAX_WIDTH_IN = 100.0  # the largest width_in a caller may ask for (10,000 pixels at 100 dpi)
 
 
-def _matplotlib():
+def need_matplotlib():
     """matplotlib's Figure and Agg canvas classes, imported on first use, or the install message."""
     try:
         import matplotlib  # noqa: F401  (fails first, and clearly, when matplotlib is absent)
@@ -122,7 +123,7 @@ def attention_figure(maps: list[tuple[str, torch.Tensor]], query_labels: list[st
     sets the width and scales the height with it. Chosen sizes are whole quarter inches, so the
     PNG is exactly figsize * dpi pixels.
     """
-    Figure, FigureCanvasAgg = _matplotlib()
+    Figure, FigureCanvasAgg = need_matplotlib()
     if not maps:
         raise Phi3Error("maps must hold at least one (title, matrix) pair, got an empty list")
     T, S = len(query_labels), len(key_labels)
@@ -130,8 +131,8 @@ def attention_figure(maps: list[tuple[str, torch.Tensor]], query_labels: list[st
         if tuple(matrix.shape) != (T, S):
             raise Phi3Error(f"map {title!r} must have shape (len(query_labels), len(key_labels)) = {(T, S)}, "
                             f"got {tuple(matrix.shape)}")
-    if width_in is not None and not (isinstance(width_in, (int, float)) and width_in > 0):
-        raise Phi3Error(f"width_in must be a positive number of inches or None, got {width_in!r}")
+    if width_in is not None and not (is_number(width_in) and 0 < width_in <= MAX_WIDTH_IN):
+        raise Phi3Error(f"width_in must be a number of inches in (0, {MAX_WIDTH_IN:g}] or None, got {width_in!r}")
 
     cols = math.ceil(math.sqrt(len(maps)))
     rows = math.ceil(len(maps) / cols)
@@ -160,11 +161,18 @@ def attention_figure(maps: list[tuple[str, torch.Tensor]], query_labels: list[st
     return fig
 
 
+def check_png_path(out: str | Path) -> Path:
+    """`out` as a Path, if it names a .png file (checked before anything is computed, by the CLI too)."""
+    path = Path(out)
+    if path.suffix.lower() != ".png" or not path.stem:
+        raise Phi3Error(f"the attention picture is written as PNG: out must be a file name ending in .png "
+                        f"(attention.png, say), got {str(out)!r}")
+    return path
+
+
 def save_attention_png(fig: Figure, out: str | Path, dpi: int = 100) -> tuple[int, int]:
     """Write `fig` as a PNG at `out` (making its folder) and return the file's (width, height) in pixels."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise Phi3Error(f"the attention picture is written as PNG: out must end in .png, got {str(out)!r}")
+    out = check_png_path(out)
     if not is_integer(dpi) or dpi <= 0:
         raise Phi3Error(f"dpi must be a positive integer, got {dpi!r}")
     try:

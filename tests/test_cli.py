@@ -508,6 +508,8 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     assert code == 1 and err == "error: --layer must be a layer number or 'all', got '\u00b2'\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "all", "--head", "1")
     assert code == 1 and err.startswith("error: --head goes with one layer: --layer all draws")
+    code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--out", "att.jpg")
+    assert code == 1 and "out must be a file name ending in .png (attention.png, say), got 'att.jpg'" in err
     monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))
     code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers", "--quantize", "int8", "--compile")
     assert code == 1 and err.startswith("error: bench --vs-transformers times every variant itself") and \
@@ -515,6 +517,15 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "cuda")
         assert code == 1 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and "--device cpu" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "step"])
+def test_more_new_tokens_than_positions_is_refused_before_the_weights_load(capsys, monkeypatch, command):
+    monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("refused before the weights load"))
+    prompt = [] if command == "chat" else ["hi"]
+    code, _, err = run(capsys, command, *prompt, "--model", "tiny", "-n", 513)  # the tiny model has 512 positions
+    assert code == 1 and err == "error: --max-new-tokens 513: more new tokens than the model has positions (512), " \
+                                "prompt included\n"
 
 
 def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch):

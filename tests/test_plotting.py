@@ -106,8 +106,13 @@ def test_bad_labels_and_output_paths(traced, tmp_path):
     with pytest.raises(p3.Phi3Error, match=r"must have shape \(len\(query_labels\), len\(key_labels\)\) = \(11, 12\), got \(12, 12\)"):
         attention_figure(maps, labels[:11], labels)
     fig = attention_figure(maps, labels, labels)
-    with pytest.raises(p3.Phi3Error, match=r"out must end in \.png, got '.*heads\.jpg'"):
+    with pytest.raises(p3.Phi3Error, match=r"out must be a file name ending in \.png \(attention.png, say\), got '.*heads\.jpg'"):
         save_attention_png(fig, tmp_path / "heads.jpg")
+    with pytest.raises(p3.Phi3Error, match=r"ending in \.png \(attention.png, say\), got '.png'"):
+        save_attention_png(fig, ".png")  # a hidden file with no name before its suffix
+    for width in (float("inf"), 1e6, True, 0):
+        with pytest.raises(p3.Phi3Error, match=r"width_in must be a number of inches in \(0, 100\] or None"):
+            attention_figure(maps, labels, labels, width_in=width)
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(p3.Phi3Error, match=r"cannot write the attention picture '.*a_file/sub/heads\.png'"):
         save_attention_png(fig, tmp_path / "a_file" / "sub" / "heads.png")
