@@ -313,7 +313,7 @@ def cmd_bench(args, loaded=None) -> None:
                 torch.cuda.synchronize()
             times[way].append(time.perf_counter() - start)
     new = out.shape[1] - ids.shape[1]
-    print(f"{new} new tokens after a {ids.shape[1]}-token prompt, {args.runs} runs each, stop tokens ignored")
+    print(f"{new} new tokens after a {ids.shape[1]}-token prompt, {args.runs} run{'s' * (args.runs != 1)} each, stop tokens ignored")
     for way in ways:
         median = statistics.median(times[way])
         print(f"{way:15s} median {median:8.3f} s  {new / median:8.1f} tokens/s  "
@@ -362,7 +362,8 @@ def cmd_tour(args) -> None:
     device = model.lm_head.weight.device
     prompt = args.prompt or (TOUR_PROMPT if tiny else NOTEBOOK_PROMPTS["generate"])
     template = "in the chat template" if tiny else "as it is (no chat template)"
-    print(f"\n== 2. Generate: {prompt!r} {template}, greedy, {args.max_new_tokens} new tokens, only the new text ==")
+    how = f"sampled at temperature {args.temperature:g}" if args.temperature > 0 else "greedy"
+    print(f"\n== 2. Generate: {prompt!r} {template}, {how}, {args.max_new_tokens} new tokens, only the new text ==")
     stream_text(model, tokenizer, encode_prompt(tokenizer, prompt, tiny, device), args)
     print("\n== 3. Architecture: embedding, decoder layers (attention + MLP), final norm, head ==")
     cmd_arch(args, model)
@@ -408,7 +409,8 @@ def cmd_step(args) -> None:
             print("(that is a stop token: generate would end here)")
     else:
         print("\n(no room left: --max-new-tokens reached, or the model's context is full)")
-    print(f"\n{len(stepper.ids) - len(prompt)} tokens chosen: {stepper.ids[len(prompt):]}")
+    chosen = len(stepper.ids) - len(prompt)
+    print(f"\n{chosen} token{'s' * (chosen != 1)} chosen: {stepper.ids[len(prompt):]}")
 
 
 def cmd_lens(args) -> None:
@@ -647,12 +649,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "compile", False) and getattr(args, "no_cache", False):
             raise Phi3Error("--compile compiles the cached decode step; it cannot be combined with --no-cache")
         code = COMMANDS[args.command](args)  # None for 0; compare returns 1 when it finds a difference
-    except Phi3Error as e:
+    except Phi3Error as e:  # exit status 2, as for a mistyped flag (argparse) and diff's trouble
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as e:  # a cache folder that cannot be written, a full disk, ...
         print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         return 130

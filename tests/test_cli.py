@@ -144,7 +144,7 @@ def test_arch_of_a_quantized_checkpoint_refuses_another_method(tiny, capsys, tmp
     code, out, _ = run(capsys, "arch", "--model", tmp_path)
     assert code == 0 and "Int4Linear" in out
     code, _, err = run(capsys, "arch", "--model", tmp_path, "--quantize", "int8")  # as generate refuses it
-    assert code == 1 and err == f"error: {tmp_path}: the checkpoint is quantized as int4; it cannot be loaded as int8\n"
+    assert code == 2 and err == f"error: {tmp_path}: the checkpoint is quantized as int4; it cannot be loaded as int8\n"
 
 
 def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
@@ -293,7 +293,7 @@ def test_repo_id_that_is_neither_local_nor_reachable(capsys, monkeypatch, tmp_pa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     code, out, err = run(capsys, "arch", "--model", "someone/no-such-model")
-    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
     assert "there is no local folder 'someone/no-such-model', and it could not be downloaded" in err
 
 
@@ -329,7 +329,7 @@ def test_attention_writes_the_picture(tiny, capsys, tmp_path):
     assert code == 0 and out_file.stat().st_size > 0
     assert re.search(r"\(\d+x\d+ pixels\): layer 0, mean of 4 heads, .*layer 3, mean of 4 heads", out)
     code, _, err = run(capsys, "attention", "The model", "--model", tiny, "--layer", "first", "--out", out_file)
-    assert code == 1 and "--layer must be a layer number or 'all', got 'first'" in err
+    assert code == 2 and "--layer must be a layer number or 'all', got 'first'" in err
 
 
 def test_compare_command_prints_the_table(tiny, capsys):
@@ -346,7 +346,7 @@ def test_compare_refuses_a_checkpoint_saved_quantized(tiny, capsys, tmp_path):
     """transformers would read its integers as weights and drop the scales: a table of garbage."""
     p3.Phi3ForCausalLM.from_pretrained(tiny, quantize="int8").save_pretrained(tmp_path)
     code, out, err = run(capsys, "compare", "--model", tmp_path, "--tokenizer", "tiny")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert err.startswith(f"error: compare: {tmp_path} is a checkpoint saved int8, which transformers cannot read")
 
 
@@ -369,16 +369,16 @@ def test_prompt_as_argument_option_or_stdin(tiny, capsys, monkeypatch):
     assert run(capsys, base[0], "-", *base[1:])[1] == positional
     monkeypatch.setattr("sys.stdin", io.StringIO("1\n"))
     code, _, err = run(capsys, "step", "-", "--model", tiny)  # its choices come from standard input
-    assert code == 1 and "step reads its choices from standard input" in err
+    assert code == 2 and "step reads its choices from standard input" in err
     code, _, err = run(capsys, base[0], "x", *base[1:], "-p", "y")
-    assert code == 1 and "the prompt was given twice" in err
+    assert code == 2 and "the prompt was given twice" in err
     code, _, err = run(capsys, "next-token", "--model", tiny)
-    assert code == 1 and "next-token needs a PROMPT: as an argument, with -p, or '-'" in err
+    assert code == 2 and "next-token needs a PROMPT: as an argument, with -p, or '-'" in err
     monkeypatch.setattr("sys.stdin", io.StringIO("The model"))  # compare's --prompt reads '-' too
     assert run(capsys, "compare", "--model", tiny, "--prompt", "-")[1] == \
         run(capsys, "compare", "--model", tiny, "--prompt", "The model")[1]
     code, _, err = run(capsys, "generate", "hi", "--model", "")
-    assert code == 1 and err == "error: --model is empty: give a checkpoint folder, a Hugging Face repo id or 'tiny'\n"
+    assert code == 2 and err == "error: --model is empty: give a checkpoint folder, a Hugging Face repo id or 'tiny'\n"
 
 
 @pytest.mark.parametrize("flag", ["-n", "--max-tokens", "--max-new-tokens"])
@@ -436,7 +436,7 @@ def test_tokenizer_flag_for_a_checkpoint_without_tokenizer_files(tiny, tmp_path,
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(tiny / name, tmp_path / name)
     code, _, err = run(capsys, "generate", "hi", "--model", tmp_path, "-n", 3)
-    assert code == 1 and "tokenizer.model not found" in err
+    assert code == 2 and "tokenizer.model not found" in err
     code, out, _ = run(capsys, "generate", "Each decoder layer", "--model", tmp_path, "--tokenizer", tiny, "-n", 12)
     assert code == 0 and out == run(capsys, "generate", "Each decoder layer", "--model", tiny, "-n", 12)[1]
 
@@ -466,7 +466,7 @@ def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
 def test_device_mps_is_refused_before_loading(capsys, monkeypatch):
     monkeypatch.setattr(cli, "load", lambda args: pytest.fail("the device must be checked before loading"))
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "mps")
-    assert code == 1 and err.strip() == (f"error: --device mps: this machine has no Apple GPU that torch can use "
+    assert code == 2 and err.strip() == (f"error: --device mps: this machine has no Apple GPU that torch can use "
                                          f"(torch {torch.__version__}); use --device cpu")
 
 
@@ -492,31 +492,31 @@ def test_chat_leaves_on_quit_and_exit(tiny, capsys, monkeypatch, leave):
 def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     monkeypatch.setattr(cli, "load", lambda args: pytest.fail("a bad flag must be refused before loading"))
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--dtype", "int3")
-    assert code == 1 and err.startswith("error: --dtype int3: not a dtype this model runs in; expected bf16, fp16 or fp32")
+    assert code == 2 and err.startswith("error: --dtype int3: not a dtype this model runs in; expected bf16, fp16 or fp32")
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "tpu")
-    assert code == 1 and err.startswith("error: --device tpu: not a device this model runs on; expected cpu, cuda")
+    assert code == 2 and err.startswith("error: --device tpu: not a device this model runs on; expected cpu, cuda")
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--top-p", "2")
-    assert code == 1 and err == "error: --top-p must be in (0, 1], got 2.0\n"  # and no note about sampling first
+    assert code == 2 and err == "error: --top-p must be in (0, 1], got 2.0\n"  # and no note about sampling first
     code, _, err = run(capsys, "compare", "--model", "tiny", "--tolerance", "nan")
-    assert code == 1 and err == "error: --tolerance must be a positive number, got nan\n"
+    assert code == 2 and err == "error: --tolerance must be a positive number, got nan\n"
     # --layer and --head against the model's config, before its weights load
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "9")
-    assert code == 1 and err == "error: --layer 9: the model has 4 layers, 0..3\n"
+    assert code == 2 and err == "error: --layer 9: the model has 4 layers, 0..3\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "1", "--head", "4")
-    assert code == 1 and err == "error: --head 4: the model has 4 heads a layer, 0..3\n"
+    assert code == 2 and err == "error: --head 4: the model has 4 heads a layer, 0..3\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "\u00b2")  # str.isdigit() takes it
-    assert code == 1 and err == "error: --layer must be a layer number or 'all', got '\u00b2'\n"
+    assert code == 2 and err == "error: --layer must be a layer number or 'all', got '\u00b2'\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "all", "--head", "1")
-    assert code == 1 and err.startswith("error: --head goes with one layer: --layer all draws")
+    assert code == 2 and err.startswith("error: --head goes with one layer: --layer all draws")
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--out", "att.jpg")
-    assert code == 1 and "out must be a file name ending in .png (attention.png, say), got 'att.jpg'" in err
+    assert code == 2 and "out must be a file name ending in .png (attention.png, say), got 'att.jpg'" in err
     monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))
     code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers", "--quantize", "int8", "--compile")
-    assert code == 1 and err.startswith("error: bench --vs-transformers times every variant itself") and \
+    assert code == 2 and err.startswith("error: bench --vs-transformers times every variant itself") and \
         err.endswith("drop --quantize, --compile\n")
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "cuda")
-        assert code == 1 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and "--device cpu" in err
+        assert code == 2 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and "--device cpu" in err
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "step"])
@@ -524,7 +524,7 @@ def test_more_new_tokens_than_positions_is_refused_before_the_weights_load(capsy
     monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("refused before the weights load"))
     prompt = [] if command == "chat" else ["hi"]
     code, _, err = run(capsys, command, *prompt, "--model", "tiny", "-n", 513)  # the tiny model has 512 positions
-    assert code == 1 and err == "error: --max-new-tokens 513: more new tokens than the model has positions (512), " \
+    assert code == 2 and err == "error: --max-new-tokens 513: more new tokens than the model has positions (512), " \
                                 "prompt included\n"
 
 
@@ -539,15 +539,15 @@ def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch)
     monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(refuse))
     monkeypatch.setattr(cli, "model_folder", lambda args: fetched.append(("weights", args.model)))
     code, _, err = run(capsys, "generate", "hi", "--model", "someone/some-model")
-    assert code == 1 and "no readable tokenizer" in err and fetched == [("tokenizer", "someone/some-model")]
+    assert code == 2 and "no readable tokenizer" in err and fetched == [("tokenizer", "someone/some-model")]
 
 
 def test_a_folder_without_a_checkpoint_or_without_a_tokenizer_is_named(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path))
-    assert code == 1 and err == f"error: {tmp_path / 'config.json'} not found: a Phi-3 checkpoint folder must contain config.json\n"
+    assert code == 2 and err == f"error: {tmp_path / 'config.json'} not found: a Phi-3 checkpoint folder must contain config.json\n"
     p3.Phi3ForCausalLM.from_pretrained("tiny").save_pretrained(tmp_path / "saved")  # weights and config, no tokenizer
     code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "-n", "2")
-    assert code == 1 and "tokenizer.model not found" in err and "--tokenizer DIR (or a repo id, or 'tiny')" in err
+    assert code == 2 and "tokenizer.model not found" in err and "--tokenizer DIR (or a repo id, or 'tiny')" in err
     code, out, _ = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "--tokenizer", "tiny", "-n", "2")
     assert code == 0 and out.strip()
 
