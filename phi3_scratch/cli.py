@@ -173,17 +173,20 @@ def stream_text(model, tokenizer, ids, args, new: list[int] | None = None) -> li
     new = [] if new is None else new
     stops = stop_ids(model, tokenizer)
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    started = False  # an input refused before the first token leaves stdout as it was
     try:
         for token in stream_tokens(model, ids, args.max_new_tokens, use_cache=not args.no_cache, eos_token_id=stops,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                    compile=args.compile):
+            started = True
             token = int(token[0])
             if token in stops:
                 break
             new.append(token)
             print(decoder.push(token), end="", flush=True)
     finally:  # also on Ctrl-C: the bytes of an unfinished character, then the line end
-        print(decoder.finish(), flush=True)
+        if started:
+            print(decoder.finish(), flush=True)
     return new
 
 

@@ -556,3 +556,8 @@ def test_the_progress_bar_writes_one_line_when_stderr_is_no_terminal(capsys):
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "-n", "1")
     bars = [line for line in err.splitlines() if "weights [" in line]
     assert code == 0 and bars == ["  weights [##############################] 27/27 tensors"] and "\r" not in err
+
+
+def test_a_prompt_refused_before_the_first_token_prints_nothing(tiny, capsys):
+    code, out, err = run(capsys, "generate", "cache " * 600, "--model", tiny, "-n", 5)  # 512 positions
+    assert code == 2 and out == "" and "more than the model's max_position_embeddings 512" in err
