@@ -34,7 +34,8 @@ from .quantize import LINEAR, METHODS, method_to_load, use_quantized_modules
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
-TOUR_PROMPT = "What does the KV cache do?"  # a question of the tiny model's corpus (scripts/tiny_corpus.txt)
+TOUR_PROMPT = "What does the KV cache do?"
+COMPARE_PROMPT = "The KV cache keeps the keys and values of earlier tokens."  # a question of the tiny model's corpus (scripts/tiny_corpus.txt)
 
 
 class Parser(argparse.ArgumentParser):
@@ -301,6 +302,8 @@ def cmd_next_token(args, loaded=None) -> None:
 def cmd_bench(args, loaded=None) -> None:
     if getattr(args, "vs_transformers", False):
         return bench_vs_transformers(args)
+    if getattr(args, "prefill", None) is not None:  # would be ignored
+        raise Phi3Error("--prefill times a forward pass against transformers': it goes with --vs-transformers")
     model, tokenizer = loaded or load(args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
     ways = {"with KV cache": dict(use_cache=True), "without cache": dict(use_cache=False)}
@@ -337,7 +340,8 @@ def bench_vs_transformers(args) -> None:
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or folder)
     tokens = len(encode_prompt(tokenizer, args.prompt, args.chat, "cpu")[0])
     argv = ["--checkpoint", str(folder), "--device", args.device, "--runs", str(args.runs),
-            "--new-tokens", str(args.max_new_tokens), "--prompt-len", str(tokens), "--prefill", *map(str, args.prefill)]
+            "--new-tokens", str(args.max_new_tokens), "--prompt-len", str(tokens), "--prefill",
+            *map(str, [512] if args.prefill is None else args.prefill)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
     print(f"phi3_scratch and transformers on {folder}: a random prompt of {tokens} tokens (as long as PROMPT), "
@@ -525,9 +529,11 @@ def version() -> str:
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL, help=f"folder, repo id or 'tiny' (default {DEFAULT_MODEL})")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--dtype", default=None,
-                        help="bf16, fp16 or fp32 (default: the checkpoint's dtype on a GPU, bf16 for Phi-3; fp32 on the CPU)")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:N or mps (default: cuda when there is one, else cpu)")
+    common.add_argument("--dtype", default=None, type=str.lower,
+                        help="bf16, fp16 or fp32; auto (the default): the checkpoint's dtype on a GPU, bf16 for Phi-3, "
+                             "fp32 on the CPU")
     common.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
                         help="eager: written out step by step (default); sdpa: torch's fused kernel")
     common.add_argument("--quantize", default=None, choices=METHODS,
@@ -536,7 +542,8 @@ def build_parser() -> Parser:
     common.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="the tokenizer's folder or repo id, for a checkpoint without tokenizer files")
     gen = Parser(add_help=False)
-    gen.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200)
+    gen.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200,
+                     help="at most this many new tokens (default 200)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     gen.add_argument("--temperature", type=float, default=None,
                      help="0 is greedy; the default is greedy, or 1.0 when --top-k, --top-p or --seed is given")
@@ -559,30 +566,33 @@ def build_parser() -> Parser:
     sub.add_parser("chat", parents=[common, gen], help="talk to the model")
     sub.add_parser("arch", parents=[common], help="module tree and sizes")
     p = sub.add_parser("next-token", parents=[common, chat, prompt], help="top-k candidates for the next token")
-    p.add_argument("--top-k", type=positive_int, default=10)
+    p.add_argument("--top-k", type=positive_int, default=10, help="how many candidates to list (default 10)")
     p = sub.add_parser("bench", parents=[common, chat, prompt], help="time generation with and without the KV cache")
-    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=100)
-    p.add_argument("--runs", type=positive_int, default=3)
+    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=100,
+                   help="new tokens a timed generation makes (default 100)")
+    p.add_argument("--runs", type=positive_int, default=3, help="timed runs of each way; the median is shown (default 3)")
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     p.add_argument("--vs-transformers", action="store_true",
                    help="instead: this model against transformers' on the same checkpoint, one JSON line per figure")
-    p.add_argument("--prefill", type=positive_int, nargs="*", default=[512],
-                   help="with --vs-transformers: prompt lengths whose forward pass is timed")
+    p.add_argument("--prefill", type=positive_int, nargs="*", default=None,
+                   help="with --vs-transformers: prompt lengths whose forward pass is timed (default 512)")
     p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
     p.add_argument("-p", "--prompt", default=None,
                    help="the generation step's prompt (default: the notebook's; for --model tiny, a question it knows)")
-    p.add_argument("--runs", type=positive_int, default=2)
+    p.add_argument("--runs", type=positive_int, default=2, help="timed runs of the KV-cache step (default 2)")
     p = sub.add_parser("step", parents=[common, chat, prompt], help="decode one token at a time, your choice")
-    p.add_argument("--top-k", type=positive_int, default=5)
-    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200)
+    p.add_argument("--top-k", type=positive_int, default=5, help="candidates shown at each step (default 5)")
+    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200,
+                   help="at most this many steps (default 200)")
     p = sub.add_parser("lens", parents=[common, chat, prompt], help="the logit lens: each layer's best guess")
     p.add_argument("--all-positions", action="store_true", help="a table of every position, not just the last")
     p = sub.add_parser("attention", parents=[common, chat, prompt], help="attention heatmap as a PNG")
     p.add_argument("--layer", default="0", help="a layer number, or 'all' for every layer's mean over heads")
     p.add_argument("--head", type=int, default=None, help="one head (default: every head of the layer)")
-    p.add_argument("--out", default="attention.png")
+    p.add_argument("--out", default="attention.png", help="the PNG file to write (default attention.png)")
     p = sub.add_parser("compare", parents=[common, chat], help="every intermediate against transformers")
-    p.add_argument("--prompt", default="The KV cache keeps the keys and values of earlier tokens.")
+    p.add_argument("--prompt", default=COMPARE_PROMPT, help=f"the input both models run; - reads standard input "
+                                                             f"(default {COMPARE_PROMPT!r})")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest relative difference accepted (default 1e-5 in fp32, 2e-2 in bf16/fp16)")
     return parser
@@ -643,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "tolerance", None) is not None and not 0 < args.tolerance < float("inf"):
             raise Phi3Error(f"--tolerance must be a positive number, got {args.tolerance}")
         check_device(args.device)
+        if args.dtype == "auto":  # what the notebook passes (torch_dtype="auto"): the default
+            args.dtype = None
         if args.dtype is not None:
             try:
                 resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)

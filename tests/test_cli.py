@@ -508,6 +508,8 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     assert code == 2 and err == "error: --layer must be a layer number or 'all', got '\u00b2'\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "all", "--head", "1")
     assert code == 2 and err.startswith("error: --head goes with one layer: --layer all draws")
+    code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--prefill", "64")
+    assert code == 2 and err == "error: --prefill times a forward pass against transformers': it goes with --vs-transformers\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--out", "att.jpg")
     assert code == 2 and "out must be a file name ending in .png (attention.png, say), got 'att.jpg'" in err
     monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))
@@ -556,6 +558,14 @@ def test_the_progress_bar_writes_one_line_when_stderr_is_no_terminal(capsys):
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "-n", "1")
     bars = [line for line in err.splitlines() if "weights [" in line]
     assert code == 0 and bars == ["  weights [##############################] 27/27 tensors"] and "\r" not in err
+
+
+def test_dtype_names_in_any_case_and_auto(tiny, capsys):
+    """--dtype BF16 is bf16; auto (the notebook's torch_dtype) is the default: fp32 on the CPU."""
+    _, _, err = run(capsys, "next-token", "The", "--model", tiny, "--dtype", "BF16")
+    assert "torch.bfloat16" in err
+    _, _, err = run(capsys, "next-token", "The", "--model", tiny, "--dtype", "auto")
+    assert "torch.float32" in err
 
 
 def test_a_prompt_refused_before_the_first_token_prints_nothing(tiny, capsys):
