@@ -119,6 +119,9 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
     if temperature == 0 and ignored:
         warn(f"{', '.join(ignored)}: only sampling reads {'it' if len(ignored) == 1 else 'them'}, and temperature=0 "
              "is greedy decoding; give a temperature > 0 to sample")
+    for name, flag in (("use_cache", use_cache), ("compile", compile)):
+        if not isinstance(flag, bool):  # "no" would be true
+            raise Phi3Error(f"{name} must be True or False, got {flag!r}")
     if compile and not use_cache:
         raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
     stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)

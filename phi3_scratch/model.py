@@ -87,12 +87,12 @@ class Phi3ForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int = 1, *, max_len: int, static: bool = False) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` positions (cache.py)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise Phi3Error(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(max_len, int) or not 0 < max_len <= self.config.max_position_embeddings:
+        if not is_integer(batch_size) or batch_size < 1:
+            raise Phi3Error(f"batch_size must be a positive integer, got {batch_size!r} ({type_name(batch_size)})")
+        if not is_integer(max_len) or not 0 < max_len <= self.config.max_position_embeddings:
             raise Phi3Error(
-                f"max_len must be in 1..max_position_embeddings={self.config.max_position_embeddings}, "
-                f"got {max_len}"
+                f"max_len must be an integer in 1..max_position_embeddings={self.config.max_position_embeddings}, "
+                f"got {max_len!r} ({type_name(max_len)})"
             )
         weight = self.model.embed_tokens.weight  # the model's dtype (a quantized head's is not)
         c = self.config

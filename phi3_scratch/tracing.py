@@ -110,6 +110,8 @@ def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
     if isinstance(only, str):
         raise Phi3Error(f"trace(only=...) takes a set of names, e.g. {{{only!r}}}, got the string {only!r}")
     if only is not None:
+        if not only:
+            raise Phi3Error("trace(only=...) is empty, so nothing would be recorded: give names, or None for all")
         known = {*MODEL_NAMES, *LAYER_NAMES}
         if not set(only) <= known:
             unknown = sorted(set(only) - known, key=str)
@@ -132,6 +134,8 @@ def logit_lens(model: Phi3ForCausalLM, input_ids: torch.Tensor, all_positions: b
     every position; the last layer's equal the model's own logits.
     """
     model = as_causal_lm(model, "logit_lens(model, input_ids)")
+    if not isinstance(all_positions, bool):
+        raise Phi3Error(f"logit_lens: all_positions must be True or False, got {all_positions!r}")
     with trace(model, only={"residual"}) as t:
         model.model(input_ids)
     residuals = torch.stack([layer["residual"] for layer in t.layers])  # (L, B, T, H)

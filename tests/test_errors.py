@@ -236,8 +236,19 @@ def test_bad_attention_mask_stop_ids_and_sampling_arguments(checkpoints):
         p3.generate(model, ids, 2, temperature=1.0, seed="x")
     with pytest.raises(p3.Phi3Error, match="batch_size must be a positive integer, got 0"):
         model.new_cache(0, max_len=4)
-    with pytest.raises(p3.Phi3Error, match=r"max_len must be in 1..max_position_embeddings=64, got 10.5"):
+    with pytest.raises(p3.Phi3Error, match=r"max_len must be an integer in 1..max_position_embeddings=64, got 10.5 \(float\)"):
         model.new_cache(1, max_len=10.5)
+    with pytest.raises(p3.Phi3Error, match=r"batch_size must be a positive integer, got True \(bool\)"):
+        model.new_cache(True, max_len=4)
+    with pytest.raises(p3.Phi3Error, match=r"max_len must be an integer .* got tensor\(5\) \(torch.Tensor\)"):
+        model.new_cache(1, max_len=torch.tensor(5))
+    with pytest.raises(p3.Phi3Error, match="compile must be True or False, got 'no'"):
+        p3.generate(model, ids, 2, compile="no")
+    with pytest.raises(p3.Phi3Error, match="all_positions must be True or False, got 'no'"):
+        p3.logit_lens(model, ids, all_positions="no")
+    with pytest.raises(p3.Phi3Error, match=r"trace\(only=...\) is empty"):
+        with p3.trace(model, only=set()):
+            pass
 
 
 def test_device_that_is_not_cpu_or_cuda(folder):
@@ -352,7 +363,7 @@ def test_trace_only_takes_the_names_a_trace_records(checkpoints):
 
 def test_stepper_refuses_fractional_ids(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
-    with pytest.raises(p3.Phi3Error, match="input_ids must hold integer token ids, got dtype torch.float32"):
+    with pytest.raises(p3.Phi3Error, match="prompt_ids must hold integer token ids, got dtype torch.float32"):
         p3.Stepper(model, [1.7, 2.2])
 
 
