@@ -10,8 +10,10 @@ Everything is allocated once, at its final size, and filled left to right:
     values[layer] (batch, kv_heads, max_len, head_dim)
     length        how many positions are filled; slots [length, max_len) are unused
 
-so in a debugger `cache.keys[0][0, :, :cache.length]` holds every key layer 0 can attend over
-(the mask then applies the sliding window and any padding).
+so in a debugger, between forward passes, `cache.keys[0][0, :, :cache.length]` holds every key
+layer 0 can attend over (the mask then applies the sliding window and any padding). Inside a
+forward pass, `length` still counts the earlier positions until every layer has written its new
+ones (at slots length, length + 1, ...): it moves on in `advance`, at the end of the pass.
 
 A static cache (`static=True`, what `compile=True` uses) is the same cache with fixed shapes, so
 that one compiled decode step serves every token: `length` is a tensor on the device rather than

@@ -7,9 +7,10 @@
 With temperature > 0 the token is sampled instead (`sample`): top-k and top-p first cut the
 candidates, and a seed makes the draw reproducible.
 
-`stream_tokens` is the loop itself, yielding each new token as soon as it is chosen (set a
-breakpoint inside it to watch the cache fill, or on Phi3ForCausalLM.forward, which every prefill
-and decode step calls); `generate` collects what it yields. The input is checked once, before
+`stream_tokens` is the loop itself, yielding each new token as soon as it is chosen (to watch
+the cache fill, break on next_logits, which it calls every step, or on Phi3ForCausalLM.forward,
+which every prefill and decode step calls: its decorator makes `stream_tokens` by name torch's
+wrapper, so a breakpoint inside it goes by file and line); `generate` collects what it yields. The input is checked once, before
 the loop; a decode step then reads one value back from the device, the stop flag. With
 compile=True the decode steps run the same forward compiled (compiled.py), where no Python
 breakpoint stops: debug with the default, eager.
