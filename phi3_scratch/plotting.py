@@ -90,7 +90,8 @@ def attention_maps(t, layer: int | str, head: int | None = None, row: int = 0) -
     for i in layers:
         probs = t.layers[i].get("attn_probs")  # (B, nH, T, S)
         if probs is None:
-            raise Phi3Error(f"the trace holds no attn_probs for layer {i}: run the model inside `with trace(model)`")
+            raise Phi3Error(f"the trace holds no attn_probs for layer {i}: run the model inside `with trace(model)` "
+                            f"(a trace made with only=... keeps them if 'attn_probs' is among its names)")
         probs = probs.detach().to(device="cpu", dtype=torch.float32, copy=True)
         b = _check_index("row", row, probs.shape[0])
         if layer == "all":
