@@ -11,6 +11,11 @@ holds (`cache_length`), the next-token logits and the top-k candidates with thei
 probabilities. A forced choice is fed to the model exactly like a sampled one: the cache then
 holds its keys and values, and the next logits follow from it (the tests check both against a
 fresh forward pass of the whole sequence).
+
+Every choice runs the model on the chosen token, to show the next record; so where generate
+returns max_new_tokens tokens after a prompt of T (it never feeds the last one back), a Stepper
+of the same max_new_tokens chooses as many, its cache holding T + max_new_tokens positions, or
+one fewer when that is more than the model has.
 """
 
 from __future__ import annotations
@@ -72,8 +77,8 @@ class Stepper:
         for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
             if not is_integer(value) or value < 1:
                 raise Phi3Error(f"{name} must be a positive integer, got {value!r}")
-        if ids.shape[1] >= model.config.max_position_embeddings:
-            raise Phi3Error(f"the prompt has {ids.shape[1]} tokens: no room for a new one in the model's "
+        if ids.shape[1] > model.config.max_position_embeddings:  # as many as it has: the first record, no choice
+            raise Phi3Error(f"the prompt has {ids.shape[1]} tokens, more than the model's "
                             f"{model.config.max_position_embeddings} positions")
         self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
         self.ids: list[int] = ids[0].tolist()  # the whole sequence so far, prompt included

@@ -188,3 +188,16 @@ def test_a_name_the_trace_does_not_hold_says_what_it_holds():
     with pytest.raises(p3.Phi3Error, match=r"trace\(only=...\) takes a set of names, e.g. \{'attn_probs'\}"):
         with p3.trace(model, only="attn_probs"):
             pass
+
+
+def test_stepper_takes_a_prompt_as_long_as_the_model(checkpoints):
+    """A prompt of every position still has a next-token record (generate may add that one token);
+    only choosing, which feeds the token in, has no room."""
+    model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])  # 64 positions
+    ids = torch.randint(3, 256, (64,), generator=torch.Generator().manual_seed(1))
+    stepper = p3.Stepper(model, ids)
+    assert stepper.record().argmax == int(p3.generate(model, ids[None], 1)[0, -1])
+    with pytest.raises(p3.Phi3Error, match="the sequence is full: 64 tokens of max_len=64"):
+        stepper.choose()
+    with pytest.raises(p3.Phi3Error, match="the prompt has 65 tokens, more than the model's 64 positions"):
+        p3.Stepper(model, torch.cat([ids, ids[:1]]))
