@@ -34,8 +34,8 @@ from .quantize import LINEAR, METHODS, method_to_load, use_quantized_modules
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
-TOUR_PROMPT = "What does the KV cache do?"
-COMPARE_PROMPT = "The KV cache keeps the keys and values of earlier tokens."  # a question of the tiny model's corpus (scripts/tiny_corpus.txt)
+TOUR_PROMPT = "What does the KV cache do?"  # a question of the tiny model's corpus (scripts/tiny_corpus.txt)
+COMPARE_PROMPT = "The KV cache keeps the keys and values of earlier tokens."
 
 
 class Parser(argparse.ArgumentParser):
@@ -80,7 +80,8 @@ def model_config(args) -> Phi3Config:
 def meta_model(args) -> Phi3ForCausalLM:
     """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`."""
     config = model_config(args)
-    dtype = resolve_dtype(args.dtype or config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
+    saved = resolve_dtype(config.torch_dtype or "float32", torch.device("cpu"), torch.float32)  # the checkpoint's
+    dtype = resolve_dtype(args.dtype or "auto", torch.device("cpu"), saved)  # arch shows it unless --dtype says
     config.quantization = method_to_load(args.quantize, config.quantization, args.model)
     return on_meta(config, dtype)
 
@@ -94,11 +95,20 @@ def on_meta(config: Phi3Config, dtype: torch.dtype) -> Phi3ForCausalLM:
     return model
 
 
+def check_max_new_tokens(args) -> None:
+    """-n against the model's positions, from its config alone: a prompt has at least one token."""
+    positions = model_config(args).max_position_embeddings
+    if getattr(args, "max_new_tokens", 0) > positions:
+        raise Phi3Error(f"--max-new-tokens {args.max_new_tokens}: more new tokens than the model has positions "
+                        f"({positions}), prompt included")
+
+
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     start = time.perf_counter()
     local = Path(args.model).expanduser()
     if local.is_dir():  # a folder that is no checkpoint says so, before its tokenizer is looked for
         Phi3Config.from_pretrained(local)
+    check_max_new_tokens(args)
     # The tokenizer first (for a repo id, its files only): one that cannot be read fails in seconds,
     # before gigabytes of weights download.
     try:
@@ -108,10 +118,6 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
             raise
         raise Phi3Error(f"{e}. A checkpoint saved without its tokenizer (save_pretrained writes none) "
                         f"can take one from elsewhere: --tokenizer DIR (or a repo id, or 'tiny')") from None
-    positions = model_config(args).max_position_embeddings
-    if getattr(args, "max_new_tokens", 0) > positions:  # before the weights: a prompt has at least one token
-        raise Phi3Error(f"--max-new-tokens {args.max_new_tokens}: more new tokens than the model has positions "
-                        f"({positions}), prompt included")
     folder = model_folder(args)
     say_memory(args, folder)
     log(f"loading {args.model} ({folder}) onto {args.device}")
@@ -137,8 +143,9 @@ def say_memory(args, folder) -> None:
     """Before a large CPU load: how much memory the weights will take, and how to halve it."""
     if torch.device(args.device).type != "cpu":
         return
-    dtype = resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
     config = Phi3Config.from_pretrained(folder)
+    saved = resolve_dtype(config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"), saved)
     config.quantization = args.quantize or config.quantization
     size = weight_bytes(on_meta(config, dtype))
     if size > 2**30:
@@ -186,7 +193,7 @@ def stream_text(model, tokenizer, ids, args, new: list[int] | None = None) -> li
             new.append(token)
             print(decoder.push(token), end="", flush=True)
     finally:  # also on Ctrl-C: the bytes of an unfinished character, then the line end
-        if started:
+        if started or sys.exc_info()[0] is KeyboardInterrupt:  # not for an input refused at once
             print(decoder.finish(), flush=True)
     return new
 
@@ -336,6 +343,7 @@ def bench_vs_transformers(args) -> None:
     if chosen:
         raise Phi3Error(f"bench --vs-transformers times every variant itself (this model eager, sdpa, compiled, int8 "
                         f"and compiled int8; transformers' eager, sdpa and compiled): drop {', '.join(chosen)}")
+    check_max_new_tokens(args)
     folder = model_folder(args)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or folder)
     tokens = len(encode_prompt(tokenizer, args.prompt, args.chat, "cpu")[0])
@@ -399,10 +407,14 @@ def cmd_step(args) -> None:
     stops = stop_ids(model, tokenizer)
     print("Enter takes the most likely token, a number picks that candidate, q quits.")
     record = stepper.record()
-    while len(stepper.ids) < stepper.cache.max_len:  # room for max_new_tokens
+
+    def show(record) -> None:
         print(f"\nposition {record.position}, KV cache holds {record.cache_length} positions; candidates:")
         for n, c in enumerate(record.candidates):
             print(f"  [{n}] {c.token_id:>6d}  {c.text!r:20s} logit {c.logit:8.3f}  prob {c.prob:6.1%}")
+
+    while len(stepper.ids) < stepper.cache.max_len:  # room for max_new_tokens
+        show(record)
         answer = ask()
         while answer not in ("", "q") and not (digits(answer) and int(answer) < len(record.candidates)):
             log(f"expected Enter, q or a number 0..{len(record.candidates) - 1}, got {answer!r}")
@@ -414,8 +426,9 @@ def cmd_step(args) -> None:
         print("text: " + tokenizer.decode(stepper.ids[len(prompt):], skip_special_tokens=False))
         if chosen in stops:
             print("(that is a stop token: generate would end here)")
-    else:
-        print("\n(no room left: --max-new-tokens reached, or the model's context is full)")
+    else:  # the next token's candidates are still known; choosing one would feed it in
+        show(record)
+        print("\n(no room left to choose: --max-new-tokens reached, or the model's context is full)")
     chosen = len(stepper.ids) - len(prompt)
     print(f"\n{chosen} token{'s' * (chosen != 1)} chosen: {stepper.ids[len(prompt):]}")
 
@@ -449,7 +462,10 @@ def cmd_attention(args) -> None:
     from .plotting import attention_figure, attention_maps, check_png_path, need_matplotlib, save_attention_png
     from .tracing import trace
 
-    check_png_path(args.out)  # the picture's name and matplotlib, before the weights load
+    try:  # the picture's name and matplotlib, before the weights load
+        check_png_path(args.out)
+    except Phi3Error as e:
+        raise Phi3Error(str(e).replace("out must", "--out must")) from None
     need_matplotlib()
     if args.layer != "all" and not digits(args.layer):
         raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")
@@ -531,9 +547,9 @@ def build_parser() -> Parser:
     common.add_argument("--model", default=DEFAULT_MODEL, help=f"folder, repo id or 'tiny' (default {DEFAULT_MODEL})")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:N or mps (default: cuda when there is one, else cpu)")
-    common.add_argument("--dtype", default=None, type=str.lower,
-                        help="bf16, fp16 or fp32; auto (the default): the checkpoint's dtype on a GPU, bf16 for Phi-3, "
-                             "fp32 on the CPU")
+    common.add_argument("--dtype", default=None,
+                        help="bf16, fp16 or fp32, or auto: the checkpoint's (bf16 for Phi-3). Default: the "
+                             "checkpoint's on a GPU, fp32 on the CPU")
     common.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
                         help="eager: written out step by step (default); sdpa: torch's fused kernel")
     common.add_argument("--quantize", default=None, choices=METHODS,
@@ -653,14 +669,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "tolerance", None) is not None and not 0 < args.tolerance < float("inf"):
             raise Phi3Error(f"--tolerance must be a positive number, got {args.tolerance}")
         check_device(args.device)
-        if args.dtype == "auto":  # what the notebook passes (torch_dtype="auto"): the default
-            args.dtype = None
         if args.dtype is not None:
             try:
-                resolve_dtype(args.dtype, torch.device("cpu"), torch.float32)
+                resolve_dtype(args.dtype.lower(), torch.device("cpu"), torch.float32)
             except Phi3Error:
                 raise Phi3Error(f"--dtype {args.dtype}: not a dtype this model runs in; expected bf16, fp16 or fp32 "
-                                "(or bfloat16, float16, float32, half)") from None
+                                "(or bfloat16, float16, float32, half), or auto for the checkpoint's") from None
+            args.dtype = args.dtype.lower()
         if getattr(args, "compile", False) and getattr(args, "no_cache", False):
             raise Phi3Error("--compile compiles the cached decode step; it cannot be combined with --no-cache")
         code = COMMANDS[args.command](args)  # None for 0; compare returns 1 when it finds a difference

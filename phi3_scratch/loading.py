@@ -122,14 +122,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
-    """None means the checkpoint's own dtype (bf16 for Phi-3) on a GPU and float32 on the CPU."""
+    """None means the checkpoint's own dtype (bf16 for Phi-3) on a GPU and float32 on the CPU; "auto",
+    as transformers' torch_dtype="auto", the checkpoint's own dtype everywhere."""
     if dtype is None:
         return checkpoint_dtype if device.type in ("cuda", "mps") else torch.float32
+    if dtype == "auto":
+        return checkpoint_dtype
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
-    raise Phi3Error(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)} or a torch float dtype")
+    raise Phi3Error(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}, 'auto' or a torch float dtype")
 
 
 def weight_files(folder: Path) -> list[str]:

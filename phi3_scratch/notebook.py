@@ -144,12 +144,7 @@ class AutoModelForCausalLM:
         device = str(device_map or "cpu")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = dtype if dtype is not None else torch_dtype
-        if dtype == "auto":
-            from .loading import checkpoint_dtype, resolve_checkpoint, weight_files
-
-            path_or_repo_id = resolve_checkpoint(path_or_repo_id)  # found (or downloaded) once, loaded below
-            dtype = checkpoint_dtype(path_or_repo_id, weight_files(path_or_repo_id))
+        dtype = dtype if dtype is not None else torch_dtype  # "auto": the loader keeps the checkpoint's
         return NotebookModel(Phi3ForCausalLM.from_pretrained(path_or_repo_id, device=device, dtype=dtype))
 
 

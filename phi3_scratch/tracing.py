@@ -1,6 +1,6 @@
 """Seeing inside: traces of every intermediate, the logit lens, and a comparison with transformers.
 
-    with p3.trace(model) as t:          # records the forward passes run inside the block
+    with p3.trace(model) as t:          # records a forward pass run inside the block (the last)
         model(input_ids)
     t["layers.3.attn_probs"]            # (B, heads, T, S): the probabilities layer 3 used
     print(t)                            # every name with its shape
@@ -105,8 +105,9 @@ class Trace(Records):
 
 @contextmanager
 def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
-    """Record the intermediates of every forward pass run inside the `with` block (only the names
-    in `only`, when given). Traces nest: an inner block hands the outer one back when it ends."""
+    """Record the intermediates of the forward passes run inside the `with` block, each pass replacing
+    the one before (only the names in `only`, when given). Traces nest: an inner block hands the
+    outer one back when it ends."""
     if isinstance(only, str):
         raise Phi3Error(f"trace(only=...) takes a set of names, e.g. {{{only!r}}}, got the string {only!r}")
     if only is not None:

@@ -521,11 +521,13 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
         assert code == 2 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and "--device cpu" in err
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "step"])
+@pytest.mark.parametrize("command", ["generate", "chat", "step", "tour", "bench", "bench --vs-transformers"])
 def test_more_new_tokens_than_positions_is_refused_before_the_weights_load(capsys, monkeypatch, command):
     monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("refused before the weights load"))
-    prompt = [] if command == "chat" else ["hi"]
-    code, _, err = run(capsys, command, *prompt, "--model", "tiny", "-n", 513)  # the tiny model has 512 positions
+    monkeypatch.setattr(cli.Tokenizer, "from_pretrained", lambda *a: pytest.fail("refused before the tokenizer loads"))
+    command, *flags = command.split()
+    prompt = [] if command in ("chat", "tour") else ["hi"]
+    code, _, err = run(capsys, command, *prompt, "--model", "tiny", "-n", 513, *flags)  # the tiny model has 512 positions
     assert code == 2 and err == "error: --max-new-tokens 513: more new tokens than the model has positions (512), " \
                                 "prompt included\n"
 
@@ -539,9 +541,11 @@ def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch)
         raise p3.Phi3Error(f"{path_or_repo_id}: no readable tokenizer")
 
     monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(refuse))
+    monkeypatch.setattr(cli, "model_config", lambda args: fetched.append(("config", args.model)) or p3.Phi3Config.from_pretrained(TINY))
     monkeypatch.setattr(cli, "model_folder", lambda args: fetched.append(("weights", args.model)))
     code, _, err = run(capsys, "generate", "hi", "--model", "someone/some-model")
-    assert code == 2 and "no readable tokenizer" in err and fetched == [("tokenizer", "someone/some-model")]
+    assert code == 2 and "no readable tokenizer" in err
+    assert fetched == [("config", "someone/some-model"), ("tokenizer", "someone/some-model")]  # no weights
 
 
 def test_a_folder_without_a_checkpoint_or_without_a_tokenizer_is_named(capsys, tmp_path):
@@ -560,12 +564,22 @@ def test_the_progress_bar_writes_one_line_when_stderr_is_no_terminal(capsys):
     assert code == 0 and bars == ["  weights [##############################] 27/27 tensors"] and "\r" not in err
 
 
-def test_dtype_names_in_any_case_and_auto(tiny, capsys):
-    """--dtype BF16 is bf16; auto (the notebook's torch_dtype) is the default: fp32 on the CPU."""
+def test_dtype_names_in_any_case_and_auto(tiny, capsys, tmp_path):
+    """--dtype BF16 is bf16; auto is the checkpoint's own dtype, on the CPU too, as the notebook's
+    torch_dtype="auto" (the default on the CPU is fp32)."""
     _, _, err = run(capsys, "next-token", "The", "--model", tiny, "--dtype", "BF16")
     assert "torch.bfloat16" in err
-    _, _, err = run(capsys, "next-token", "The", "--model", tiny, "--dtype", "auto")
+    p3.Phi3ForCausalLM.from_pretrained(tiny, dtype="bf16").save_pretrained(tmp_path)  # a bf16 checkpoint
+    for name in os.listdir(tiny):  # and the tiny model's tokenizer
+        if name.startswith("tokenizer"):
+            (tmp_path / name).write_bytes((Path(tiny) / name).read_bytes())
+    _, _, err = run(capsys, "next-token", "The", "--model", tmp_path, "--dtype", "auto")
+    assert "torch.bfloat16" in err
+    _, _, err = run(capsys, "next-token", "The", "--model", tmp_path)
     assert "torch.float32" in err
+    assert p3.AutoModelForCausalLM.from_pretrained(str(tmp_path), torch_dtype="auto").lm_head.weight.dtype == torch.bfloat16
+    code, _, err = run(capsys, "generate", "hi", "--model", tmp_path, "--dtype", "INT3")
+    assert code == 2 and err.startswith("error: --dtype INT3: not a dtype")
 
 
 def test_a_prompt_refused_before_the_first_token_prints_nothing(tiny, capsys):
