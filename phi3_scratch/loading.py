@@ -9,7 +9,8 @@ The steps, and why:
 3. Build the model on the "meta" device: every parameter has a shape and a dtype but no storage,
    so building a 14B model costs no memory at all.
 4. Open each safetensors file memory-mapped, and for each tensor: check its name and shape
-   against the model, move it to the target device and dtype, and put it in place. The only
+   against the model, move it to the target device and dtype, check that it holds no NaN or
+   infinity (its smallest and largest values tell), and put it in place. The only
    copy that ever exists is the final one (on the CPU with an unchanged dtype, the parameter even
    stays a view of the mapped file).
 
@@ -21,6 +22,7 @@ Nothing outside the checkpoint folder is read, whatever file names its index hol
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path, PurePath
@@ -255,11 +257,14 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                 quantization = f" (quantization: {saved})" if saved else ""
                 raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json{quantization} "
                                 f"implies {want}")
-            if name in to_quantize:  # quantized on the device; the full-precision matrix goes at once
-                model.get_submodule(name.removesuffix(".weight")).set_weight(tensor.to(device=device, dtype=dtype))
-            else:
-                set_parameter(model, name, tensor.to(device=device, dtype=want))
+            placed = tensor.to(device=device, dtype=dtype if name in to_quantize else want)
+            check_finite(placed, path, name, tensor.dtype)
             del tensor  # on a GPU load: the host copy goes now
+            if name in to_quantize:  # quantized on the device; the full-precision matrix goes at once
+                model.get_submodule(name.removesuffix(".weight")).set_weight(placed)
+            else:
+                set_parameter(model, name, placed)
+            del placed
             loaded.add(name)
             if progress:
                 progress(len(loaded), total)
@@ -273,6 +278,19 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
         keep_a_different_head(model, stored_head, dtype, quantize)
     config.quantization = quantize
     return model.set_attention(attention).eval()
+
+
+def check_finite(tensor: torch.Tensor, path: Path, name: str, stored: torch.dtype) -> None:
+    """Refuse a weight holding NaN or infinity (a damaged file, or a value too large for the dtype it
+    was converted to): every logit would be NaN, and greedy decoding would repeat token 0 without a
+    word. Its smallest and largest values carry a NaN or an infinity if it has one: one read."""
+    if not tensor.is_floating_point():
+        return
+    lo, hi = torch.stack([tensor.amin(), tensor.amax()]).float().tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        converted = "" if tensor.dtype == stored else \
+            f" once converted from {stored} to {tensor.dtype} (largest {torch.finfo(tensor.dtype).max:g})"
+        raise Phi3Error(f"{path}: tensor {name!r} holds NaN or infinite values{converted}: min {lo}, max {hi}")
 
 
 def keep_a_different_head(model: nn.Module, path: Path, dtype: torch.dtype, quantize: str | None) -> None:

@@ -377,6 +377,25 @@ def test_a_tensor_in_two_shards_is_refused(folder):
         p3.Phi3ForCausalLM.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("value, dtype, says", [
+    (float("nan"), None, "holds NaN or infinite values: min nan, max nan"),
+    (float("inf"), "int8", "holds NaN or infinite values: min .*, max inf"),  # before it is quantized
+    (1e6, "fp16", "holds NaN or infinite values once converted from torch.float32 to torch.float16 "
+                  "\\(largest 65504\\): min .*, max inf"),
+])
+def test_a_weight_with_nan_or_infinity_is_refused(folder, value, dtype, says):
+    """Every logit would be NaN and greedy decoding would repeat token 0: the file (or the dtype asked
+    for) is named instead."""
+    shard, tensors = next((s, load_file(s)) for s in sorted(folder.glob("*.safetensors"))
+                          if any(n.endswith("down_proj.weight") for n in load_file(s)))
+    name = next(n for n in tensors if n.endswith("down_proj.weight"))
+    tensors[name][1, 2] = value
+    save_file(tensors, shard)
+    options = {"quantize": dtype} if dtype == "int8" else {"dtype": dtype}
+    with pytest.raises(p3.Phi3Error, match=f"{shard}: tensor '{name}' {says}"):
+        p3.Phi3ForCausalLM.from_pretrained(folder, **options)
+
+
 def test_an_index_that_is_no_object(folder):
     (folder / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(p3.Phi3Error, match="is not a safetensors index \\(expected an object with a 'weight_map'\\)"):
