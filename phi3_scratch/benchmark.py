@@ -17,7 +17,7 @@ implementations on every run:
     prefill_T         one forward pass over T tokens, for each T of --prefill
 
 Implementations: transformers with eager and sdpa attention, and transformers-compiled (its static
-cache and a torch.compile'd forward: cached decode); phi3_scratch eager (every job),
+cache with generate's own compiled decode step: cached decode); phi3_scratch eager (every job),
 phi3_scratch-sdpa (its fused-attention kernel: prefill and cached decode), phi3_scratch-compiled
 (compile=True: cached decode), and the same two with int8 weights (-int8, -compiled-int8); on
 request -compiled-sdpa, -bf16 (bf16 weights) and the same two with int4 weights (-int4,
@@ -59,8 +59,8 @@ OURS = {"phi3_scratch": None, "phi3_scratch-sdpa": ("prefill_", *DECODE), "phi3_
         # (on the CPU, beside fp32 ones)
         "phi3_scratch-compiled-sdpa": DECODE, "phi3_scratch-bf16": DECODE,
         "phi3_scratch-int4": DECODE, "phi3_scratch-compiled-int4": DECODE}
-# transformers' variants: its attention implementations, and "compiled": a static cache and a
-# torch.compile'd forward, the fastest decoding its documentation describes.
+# transformers' variants: its attention implementations, and "compiled": a static cache and generate's
+# compiled decode step, the fastest decoding its documentation describes.
 THEIRS = ("eager", "sdpa", "compiled")
 JOBS = {**OURS, "transformers-compiled": DECODE}  # the measures each variant runs (by name prefix; None: all)
 # Phi-3-mini-4k-instruct's shape (3.8B parameters), from the family data; the others scale it down.
@@ -136,15 +136,16 @@ def build(args, device, dtype):
 
 def model_bytes(model) -> tuple[int, int]:
     """(bytes of all the weights, bytes a decode step reads): every weight once, except the embedding
-    matrix, of which a step reads one row (unless the head is tied to it and reads all of it)."""
+    matrix, of which a step reads one row (not counted; the head tied to it reads it all, counted).
+    The KV cache is not counted either (the compiled step reads all of its slots: about 1% more)."""
     weights = weight_bytes(model)
     embed = model.model.embed_tokens.weight
     return weights, weights - (0 if model.config.tie_word_embeddings else embed.numel() * embed.element_size())
 
 
-def variant(ours, name: str):
+def variant(ours, name: str, built: dict | None = None):
     """The model a phi3_scratch variant runs: `ours` itself, or one built from the very same weights,
-    int8 or int4 (quantize.py) or in bf16."""
+    int8 or int4 (quantize.py) or in bf16, once for all the variants that run it (kept in `built`)."""
     import dataclasses
 
     from phi3_scratch.quantize import METHODS, quantize_model
@@ -152,6 +153,9 @@ def variant(ours, name: str):
     method = name.rpartition("-")[2]  # "int8", "int4", "bf16" or another part of the name
     if method not in (*METHODS, "bf16"):
         return ours
+    built = {} if built is None else built
+    if method in built:  # -int8 and -compiled-int8 run one int8 model: one copy in memory
+        return built[method]
     dtype = torch.bfloat16 if method == "bf16" else ours.model.embed_tokens.weight.dtype
     device = ours.model.embed_tokens.weight.device
     with torch.device("meta"):
@@ -159,22 +163,20 @@ def variant(ours, name: str):
     for param_name, p in ours.named_parameters():
         set_parameter(model, param_name, p.to(dtype))  # the same tensor where the dtype is the same
     finish_meta_model(model, device)
-    return (model if method == "bf16" else quantize_model(model, method)).eval()
+    built[method] = (model if method == "bf16" else quantize_model(model, method)).eval()
+    return built[method]
 
 
-_hf_compiled = {}  # id of a transformers model -> its compiled forward
+def transformers_compile(device):
+    """transformers' own compiled generation, as its docs describe: with cache_implementation="static",
+    generate compiles the decode step (mode "reduce-overhead": CUDA graphs on a GPU) and runs the
+    prefill eagerly, which its static cache needs for CUDA graphs (a compiled prefill would allocate
+    the cache inside the graph)."""
+    from transformers import CompileConfig
 
-
-def with_compiled_forward(hf, device, run):
-    """run() with hf.forward compiled, as transformers' docs describe for a static cache; then the eager one again."""
-    if id(hf) not in _hf_compiled:
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU
-        _hf_compiled[id(hf)] = torch.compile(hf.forward, mode=mode, fullgraph=True)
-    hf.forward = _hf_compiled[id(hf)]
-    try:
-        return run()
-    finally:
-        del hf.forward  # the class's own forward again, for the eager and sdpa variants
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = device.type != "cuda"  # transformers compiles off the GPU only when told
+    return config
 
 
 def sync(device):
@@ -194,10 +196,11 @@ def copy_bandwidth(device) -> float | None:
     """Bytes per second a device-to-device copy moves (read + write), the practical ceiling."""
     if device.type != "cuda":
         return None
-    x = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)  # 512 MiB
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)  # 1 GiB
     y = torch.empty_like(x)
     y.copy_(x)
-    seconds = min(timed(lambda: y.copy_(x), device) for _ in range(5))
+    copies = 10  # back to back, so that one launch and one synchronization do not count as copying time
+    seconds = min(timed(lambda: [y.copy_(x) for _ in range(copies)], device) for _ in range(3)) / copies
     return 2 * x.numel() / seconds
 
 
@@ -226,13 +229,15 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtype = p3.loading.resolve_dtype(args.dtype, device, torch.bfloat16)
     ours, hf_models = build(args, device, dtype)
-    impls = {name: variant(ours, name) for name in args.ours} | hf_models
+    built = {}
+    impls = {name: variant(ours, name, built) for name in args.ours} | hf_models
     sizes = {name: model_bytes(ours if name.startswith("transformers-") else model) for name, model in impls.items()}
     bandwidth = copy_bandwidth(device)
     vocab = ours.config.vocab_size
     torch.manual_seed(1)
     prompt = torch.randint(0, vocab, (1, args.prompt_len), device=device)
     n = args.new_tokens
+    compile_config = transformers_compile(device) if "compiled" in args.transformers else None
 
     def decode(name, model, use_cache, n=n):
         if name.startswith("phi3_scratch"):
@@ -241,9 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=use_cache, pad_token_id=0)
         if name == "transformers-compiled":  # one cache length for every call, so no call recompiles for it
-            return lambda: with_compiled_forward(model, device, lambda: model.generate(
-                prompt, cache_implementation="static", max_cache_len=prompt.shape[1] + args.new_tokens,
-                disable_compile=True, **options))
+            return lambda: model.generate(prompt, cache_implementation="static", compile_config=compile_config,
+                                          max_cache_len=prompt.shape[1] + args.new_tokens, **options)
         return lambda: model.generate(prompt, **options)
 
     def prefill(model, length):
@@ -277,6 +281,12 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.reset_peak_memory_stats()
         try:
             seconds = timed(fn, device)
+            if not run and name == "transformers-compiled":
+                # A second warm-up: its sliding-window cache (Phi-3-mini's window is 2047) passes the
+                # cache length to the compiled step as a Python int, and CUDA graphs record a graph
+                # for each value the second time they see it; without this, timed run 1 would record
+                # one per decode position.
+                seconds += timed(fn, device)
         except Exception as e:  # one failing variant must not cost the others their (GPU) time
             failed[(job, name)] = f"{type(e).__name__}: {e}"[:500]
             traceback.print_exc()
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                    "runs_s": [round(t, 5) for t in times[((job, tokens), name)]],
                    "warmup_s": round(warmup[((job, tokens), name)], 3),
                    "ratio_to_transformers_eager": round(base / median, 3) if base else None,
-                   "peak_memory_bytes": peaks[((job, tokens), name)], "weights_bytes": sizes[name][0]}
+                   "peak_memory_bytes": peaks.get(((job, tokens), name)), "weights_bytes": sizes[name][0]}
             if job == "decode_cached":
                 first = times.get((("first_token", 1), name))
                 row.update(decode_figures(median, statistics.median(first) if first else None, tokens, sizes[name][1],
@@ -329,7 +339,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.markdown and rows:  # none when every variant failed, or the time was up in the warm-up
-        write_markdown(args.markdown, rows)
+        done = sorted({len(r["runs_s"]) for r in rows})
+        runs_done = f"{done[0]}" if len(done) == 1 else f"{done[0]} to {done[-1]}"
+        write_markdown(args.markdown, rows, f"stopped by its timeout after {runs_done} of {args.runs} runs" if stopped else "")
     if args.profile and not stopped:
         write_profile(args.profile, ours, prompt, device)
 
@@ -451,7 +463,7 @@ def kernel_timeline(kernels: list[tuple[float, float, str]], steps: int) -> list
     return lines + [f"    {gap:8.1f}  {before[:70]}  ->  {after[:70]}" for gap, before, after in sorted(gaps)[::-1][:15]]
 
 
-def write_markdown(path: Path, rows: list[dict]) -> None:
+def write_markdown(path: Path, rows: list[dict], stopped: str = "") -> None:
     first = rows[0]
     lines = [
         "# Benchmarks",
@@ -460,10 +472,11 @@ def write_markdown(path: Path, rows: list[dict]) -> None:
         "the ratio is to transformers' eager attention in the same process, on the same weights.",
         "tokens/s of decode_cached counts the prefill (first_token) too; a decode step does not:",
         "(decode_cached - first_token) / (new tokens - 1). Bandwidth (GPU only): the bytes a decode",
-        "step reads over its time, and its fraction of what a device-to-device copy moves.",
+        "step reads over its time, and its fraction of what a device-to-device copy moves. Peak memory",
+        "(GPU only): the process's peak during the call, every model built for the run included.",
         "",
         f"## {first['config']}, {first['dtype']}, {first['device']}, torch {first['torch']}, "
-        f"{datetime.date.today().isoformat()}",
+        f"{datetime.date.today().isoformat()}" + (f" ({stopped})" if stopped else ""),
         "",
         "| measure | implementation | tokens/s | ms/token | x transformers eager | decode step ms | peak memory "
         "| GB/s per step (fraction) | GB/s end to end (fraction) |",

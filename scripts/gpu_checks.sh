@@ -15,12 +15,14 @@
 #                (a lead for the compiled step's speed)                   ~2-3 min
 #   int4         compiled int4 against compiled int8 (same run) and int4's parity at full size
 #                (its memory is measured by int8_memory)                  ~3-4 min
-# With no argument it runs them all, more than one 10-minute device call holds. With 15 device
-# minutes a session, in this order, as many calls as the time allows:
+# With no argument it runs them all, more than one 10-minute device call holds. A session has 15
+# device minutes, the machine's start (~30 s) included, and a fresh start needs 4 minutes left, so
+# two calls fit, the second made at once, while the machine is warm:
 #   bash scripts/gpu_checks.sh bench                       (timeout_s 560)
-#   bash scripts/gpu_checks.sh int8_memory load_memory     (timeout_s 360)
+#   bash scripts/gpu_checks.sh int8_memory                 (timeout_s: what is left, about 280)
+# and the next session with a GPU:
 #   bash scripts/gpu_checks.sh parity attention            (timeout_s 480)
-#   bash scripts/gpu_checks.sh int4                        (timeout_s 300)
+#   bash scripts/gpu_checks.sh int4 load_memory            (timeout_s 360)
 # Under $OUT (the device tool brings back at most 8 files): bench.jsonl, BENCHMARKS.md, profile.txt,
 # load_memory.jsonl, parity.jsonl, attention.jsonl, int4.jsonl and log.txt (card, versions, timeline,
 # stderr).
@@ -29,7 +31,7 @@ set -uo pipefail  # no -e: one failing step must not cost the others their (scar
 PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-phi3-mini}  # Phi-3-mini-4k-instruct's shape, built into phi3_scratch/benchmark.py
 MINI_LAYERS=${MINI_LAYERS:-8}  # the loading check's checkpoint: Phi-3-mini's widths, this many layers
-OUT=$(mkdir -p "${OUT:-/tmp/gpu-checks}" && cd "${OUT:-/tmp/gpu-checks}" && pwd)  # absolute: the script cds
+OUT=$(mkdir -p "${OUT:-/tmp/gpu-checks}" && cd "${OUT:-/tmp/gpu-checks}" && pwd) || exit 1  # absolute: the script cds
 STAGES=${*:-bench int8_memory load_memory parity attention int4}
 LOG="$OUT/log.txt"
 DEVICE=${DEVICE:-cuda}
@@ -50,10 +52,10 @@ fi
 if wanted int8_memory; then
   stamp int8_memory
   CKPT=$(mktemp -d)
-  timeout 150 $PY scripts/load_memory.py make "$CKPT" --mini-layers "${INT8_LAYERS:-32}" --dtype bfloat16 2>> "$LOG" \
-    && timeout 90 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int8 >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
+  timeout 130 $PY scripts/load_memory.py make "$CKPT" --mini-layers "${INT8_LAYERS:-32}" --dtype bfloat16 2>> "$LOG" \
+    && timeout 80 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int8 >> "$OUT/load_memory.jsonl" 2>> "$LOG" \
     || stamp "int8_memory failed: exit $?"
-  [ -f "$CKPT/config.json" ] && { timeout 60 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int4 \
+  [ -f "$CKPT/config.json" ] && { timeout 50 $PY scripts/load_memory.py measure "$CKPT" --device "$DEVICE" --quantize int4 \
     >> "$OUT/load_memory.jsonl" 2>> "$LOG" || stamp "int4 memory failed: exit $?"; }
   rm -rf "$CKPT"
 fi
