@@ -95,12 +95,14 @@ def on_meta(config: Phi3Config, dtype: torch.dtype) -> Phi3ForCausalLM:
     return model
 
 
-def check_max_new_tokens(args) -> None:
-    """-n against the model's positions, from its config alone: a prompt has at least one token."""
-    positions = model_config(args).max_position_embeddings
-    if getattr(args, "max_new_tokens", 0) > positions:
+def check_max_new_tokens(args) -> Phi3Config:
+    """-n against the model's positions, from its config alone (a prompt has at least one token);
+    returns the config."""
+    config = model_config(args)
+    if getattr(args, "max_new_tokens", 0) > config.max_position_embeddings:
         raise Phi3Error(f"--max-new-tokens {args.max_new_tokens}: more new tokens than the model has positions "
-                        f"({positions}), prompt included")
+                        f"({config.max_position_embeddings}), prompt included")
+    return config
 
 
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
@@ -108,7 +110,7 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     local = Path(args.model).expanduser()
     if local.is_dir():  # a folder that is no checkpoint says so, before its tokenizer is looked for
         Phi3Config.from_pretrained(local)
-    check_max_new_tokens(args)
+    config = check_max_new_tokens(args)
     # The tokenizer first (for a repo id, its files only): one that cannot be read fails in seconds,
     # before gigabytes of weights download.
     try:
@@ -118,6 +120,10 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
             raise
         raise Phi3Error(f"{e}. A checkpoint saved without its tokenizer (save_pretrained writes none) "
                         f"can take one from elsewhere: --tokenizer DIR (or a repo id, or 'tiny')") from None
+    if tokenizer.vocab_size > config.vocab_size:  # its ids would run past the embedding
+        which = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer of {args.model}"
+        raise Phi3Error(f"{which} has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
+                        f"{config.vocab_size}: they were not made for each other")
     folder = model_folder(args)
     say_memory(args, folder)
     log(f"loading {args.model} ({folder}) onto {args.device}")

@@ -556,6 +556,12 @@ def test_a_folder_without_a_checkpoint_or_without_a_tokenizer_is_named(capsys, t
     assert code == 2 and "tokenizer.model not found" in err and "--tokenizer DIR (or a repo id, or 'tiny')" in err
     code, out, _ = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "--tokenizer", "tiny", "-n", "2")
     assert code == 0 and out.strip()
+    small = tmp_path / "small"  # a 256-word model: the tiny tokenizer's 1,011 ids do not fit it
+    p3.Phi3ForCausalLM(p3.Phi3Config.from_dict({**json.loads((TINY / "config.json").read_text()), "vocab_size": 256,
+                                                "pad_token_id": 0})).save_pretrained(small)
+    code, _, err = run(capsys, "generate", "hi", "--model", str(small), "--tokenizer", "tiny", "-n", "2")
+    assert code == 2 and err == "error: --tokenizer tiny has 1011 ids, more than the model's vocabulary of 256: " \
+                                "they were not made for each other\n"
 
 
 def test_the_progress_bar_writes_one_line_when_stderr_is_no_terminal(capsys):
