@@ -80,10 +80,14 @@ def model_config(args) -> Phi3Config:
 def meta_model(args) -> Phi3ForCausalLM:
     """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`."""
     config = model_config(args)
-    saved = resolve_dtype(config.torch_dtype or "float32", torch.device("cpu"), torch.float32)  # the checkpoint's
-    dtype = resolve_dtype(args.dtype or "auto", torch.device("cpu"), saved)  # arch shows it unless --dtype says
+    dtype = resolve_dtype(args.dtype or "auto", torch.device("cpu"), saved_dtype(config))  # the checkpoint's, unless --dtype says
     config.quantization = method_to_load(args.quantize, config.quantization, args.model)
     return on_meta(config, dtype)
+
+
+def saved_dtype(config: Phi3Config) -> torch.dtype:
+    """The checkpoint's dtype as its config.json names it (fp32 when it does not): what --dtype auto means."""
+    return resolve_dtype(config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
 
 
 def on_meta(config: Phi3Config, dtype: torch.dtype) -> Phi3ForCausalLM:
@@ -108,9 +112,7 @@ def check_max_new_tokens(args) -> Phi3Config:
 def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     start = time.perf_counter()
     local = Path(args.model).expanduser()
-    if local.is_dir():  # a folder that is no checkpoint says so, before its tokenizer is looked for
-        Phi3Config.from_pretrained(local)
-    config = check_max_new_tokens(args)
+    config = check_max_new_tokens(args)  # reads the config: a folder that is no checkpoint says so here
     # The tokenizer first (for a repo id, its files only): one that cannot be read fails in seconds,
     # before gigabytes of weights download.
     try:
@@ -150,8 +152,7 @@ def say_memory(args, folder) -> None:
     if torch.device(args.device).type != "cpu":
         return
     config = Phi3Config.from_pretrained(folder)
-    saved = resolve_dtype(config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
-    dtype = resolve_dtype(args.dtype, torch.device("cpu"), saved)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"), saved_dtype(config))
     config.quantization = args.quantize or config.quantization
     size = weight_bytes(on_meta(config, dtype))
     if size > 2**30:

@@ -257,7 +257,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                 quantization = f" (quantization: {saved})" if saved else ""
                 raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json{quantization} "
                                 f"implies {want}")
-            placed = tensor.to(device=device, dtype=dtype if name in to_quantize else want)
+            placed = tensor.to(device=device, dtype=want)
             check_finite(placed, path, name, tensor.dtype)
             del tensor  # on a GPU load: the host copy goes now
             if name in to_quantize:  # quantized on the device; the full-precision matrix goes at once
@@ -312,7 +312,10 @@ def keep_a_different_head(model: nn.Module, path: Path, dtype: torch.dtype, quan
         if all(torch.equal(head[i : i + rows].to(embedding.device, embedding.dtype), embedding[i : i + rows])
                for i in range(0, shape[0], rows)):
             return
-        tensor = f.get_tensor("lm_head.weight").to(device=embedding.device, dtype=dtype)
+        stored = f.get_tensor("lm_head.weight")
+    tensor = stored.to(device=embedding.device, dtype=dtype)
+    check_finite(tensor, path, "lm_head.weight", stored.dtype)  # as every other tensor is checked
+    del stored
     warn(f"{path}: config.json ties the head to the embedding (tie_word_embeddings), but this checkpoint also "
          f"stores an lm_head.weight that differs from it: the stored head is used, untied, as in transformers")
     model.config.tie_word_embeddings = False

@@ -320,6 +320,10 @@ def test_tied_checkpoint_that_stores_a_different_head_uses_it_untied(checkpoints
     quantized.save_pretrained(tmp_path / "int8")
     again = p3.Phi3ForCausalLM.from_pretrained(tmp_path / "int8")  # saved untied: no warning, the same logits
     assert torch.equal(again(ids), quantized(ids)) and type(again.lm_head).__name__ == "Int8Linear"
+    tensors["lm_head.weight"][0, 0] = float("nan")  # the stored head is checked as every other tensor is
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(p3.Phi3Error, match="tensor 'lm_head.weight' holds NaN or infinite values"):
+        p3.Phi3ForCausalLM.from_pretrained(tmp_path)
 
 
 def test_a_cache_filled_with_padding_needs_the_mask_on_every_call(checkpoints):
