@@ -81,8 +81,8 @@ def meta_model(args) -> Phi3ForCausalLM:
     """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`."""
     config = model_config(args)
     dtype = resolve_dtype(args.dtype or "auto", torch.device("cpu"), saved_dtype(config))  # the checkpoint's, unless --dtype says
-    config.quantization = method_to_load(args.quantize, config.quantization, args.model)
-    return on_meta(config, dtype)
+    config.quantization = method_to_load(args.quantize, config.quantization, args.model)  # arch prints it
+    return on_meta(config, dtype, config.quantization)
 
 
 def saved_dtype(config: Phi3Config) -> torch.dtype:
@@ -90,12 +90,12 @@ def saved_dtype(config: Phi3Config) -> torch.dtype:
     return resolve_dtype(config.torch_dtype or "float32", torch.device("cpu"), torch.float32)
 
 
-def on_meta(config: Phi3Config, dtype: torch.dtype) -> Phi3ForCausalLM:
-    """The model with shapes and dtypes but no storage (quantized matrices if config.quantization says so)."""
+def on_meta(config: Phi3Config, dtype: torch.dtype, quantize: str | None) -> Phi3ForCausalLM:
+    """The model with shapes and dtypes but no storage (quantized matrices if `quantize` names a method)."""
     with torch.device("meta"):
         model = Phi3ForCausalLM(config).to(dtype)
-        if config.quantization:
-            use_quantized_modules(model, config.quantization, dtype)
+        if quantize:
+            use_quantized_modules(model, quantize, dtype)
     return model
 
 
@@ -127,7 +127,7 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
         raise Phi3Error(f"{which} has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
                         f"{config.vocab_size}: they were not made for each other")
     folder = model_folder(args)
-    say_memory(args, folder)
+    say_memory(args, config)
     log(f"loading {args.model} ({folder}) onto {args.device}")
 
     def bar(done: int, total: int) -> None:
@@ -147,17 +147,17 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     return model, tokenizer
 
 
-def say_memory(args, folder) -> None:
-    """Before a large CPU load: how much memory the weights will take, and how to halve it."""
+def say_memory(args, config: Phi3Config) -> None:
+    """Before a large CPU load: how much memory the weights will take, and how to halve it (config:
+    the checkpoint's, as load read it)."""
     if torch.device(args.device).type != "cpu":
         return
-    config = Phi3Config.from_pretrained(folder)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"), saved_dtype(config))
-    config.quantization = args.quantize or config.quantization
-    size = weight_bytes(on_meta(config, dtype))
+    quantize = args.quantize or config.quantization
+    size = weight_bytes(on_meta(config, dtype, quantize))
     if size > 2**30:
         hint = "; --dtype bf16 halves it" if dtype == torch.float32 else ""
-        if not config.quantization:
+        if not quantize:
             hint += ("; " if not hint else ", ") + ("--quantize int8 takes about a quarter of fp32, int4 a sixth "
                                                     "(fastest with --compile)")
         log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} on the CPU{hint}")
@@ -469,10 +469,7 @@ def cmd_attention(args) -> None:
     from .plotting import attention_figure, attention_maps, check_png_path, need_matplotlib, save_attention_png
     from .tracing import trace
 
-    try:  # the picture's name and matplotlib, before the weights load
-        check_png_path(args.out)
-    except Phi3Error as e:
-        raise Phi3Error(str(e).replace("out must", "--out must")) from None
+    check_png_path(args.out, "--out")  # the picture's name and matplotlib, before the weights load
     need_matplotlib()
     if args.layer != "all" and not digits(args.layer):
         raise Phi3Error(f"--layer must be a layer number or 'all', got {args.layer!r}")

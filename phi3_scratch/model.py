@@ -17,8 +17,8 @@ Start at Phi3ForCausalLM.forward, the one forward pass that everything runs: a u
 `compile=True`. (The notebook's body-then-head cell, `next-token` and the logit lens call its two
 halves themselves: Phi3Model.forward, then lm_head.) After the classes come the helpers they
 call: the input checks (once per call, at the edge), the positions and the attention mask (one
-place for both), and the attention kernels. Module names equal the checkpoint's tensor names (`model.layers.0.self_attn.qkv_proj.weight`),
-so loading is a plain name-to-tensor copy.
+place for both), and the attention kernels. Module names equal the checkpoint's tensor names
+(`model.layers.0.self_attn.qkv_proj.weight`), so loading is a plain name-to-tensor copy.
 
 Shapes in comments use: B batch, T new tokens, S key slots attended (cached + new; with a static
 cache, all of its slots), H hidden size, nH query heads, nKV key/value heads, groups = nH / nKV,
@@ -343,16 +343,17 @@ def check_cache(cache, config: Phi3Config, weight: torch.Tensor) -> None:
                         f"make it with model.new_cache(batch_size, max_len=...)")
 
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
-    """(B, T) of a 2-D tensor of ids in the vocabulary; a Phi3Error saying what is wrong otherwise."""
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> tuple[int, int]:
+    """(B, T) of a 2-D tensor of ids in the vocabulary; a Phi3Error saying what is wrong otherwise, calling
+    the tensor by the caller's name for it (the Stepper's is prompt_ids)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise Phi3Error(f"input_ids must be a 2-D LongTensor (batch, tokens), got {shape}")
+        raise Phi3Error(f"{name} must be a 2-D LongTensor (batch, tokens), got {shape}")
     B, T = input_ids.shape
     if B == 0 or T == 0:  # before the dtype: torch.tensor([[]]) is a float tensor
-        raise Phi3Error(f"input_ids is empty: shape {(B, T)}; give at least one token per row")
+        raise Phi3Error(f"{name} is empty: shape {(B, T)}; give at least one token per row")
     if input_ids.dtype not in (torch.int64, torch.int32):
-        raise Phi3Error(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        raise Phi3Error(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
     lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read from the device for both
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi

@@ -162,11 +162,12 @@ def attention_figure(maps: list[tuple[str, torch.Tensor]], query_labels: list[st
     return fig
 
 
-def check_png_path(out: str | Path) -> Path:
-    """`out` as a Path, if it names a .png file (checked before anything is computed, by the CLI too)."""
+def check_png_path(out: str | Path, name: str = "out") -> Path:
+    """`out` as a Path, if it names a .png file (checked before anything is computed, by the CLI too,
+    which calls it --out)."""
     path = Path(out)
     if path.suffix.lower() != ".png" or not path.stem:
-        raise Phi3Error(f"the attention picture is written as PNG: out must be a file name ending in .png "
+        raise Phi3Error(f"the attention picture is written as PNG: {name} must be a file name ending in .png "
                         f"(attention.png, say), got {str(out)!r}")
     return path
 

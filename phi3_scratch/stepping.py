@@ -69,10 +69,7 @@ class Stepper:
         if ids.dim() != 1:
             raise Phi3Error(f"prompt_ids must be one sequence (a list, a 1-D tensor or shape (1, T)), got shape {tuple(ids.shape)}")
         ids = ids[None]  # (1, T)
-        try:  # integers in the vocabulary: 1.7 is refused, not cut to 1
-            check_input_ids(ids, model.config.vocab_size)
-        except Phi3Error as e:  # its messages say input_ids, the name of generate's argument
-            raise Phi3Error(str(e).replace("input_ids", "prompt_ids")) from None
+        check_input_ids(ids, model.config.vocab_size, "prompt_ids")  # integers in the vocabulary: 1.7 is refused, not cut to 1
         ids = ids.long()
         for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
             if not is_integer(value) or value < 1:

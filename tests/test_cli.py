@@ -446,20 +446,22 @@ def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
 
     (tmp_path / "config.json").write_text(json.dumps(family.official_config("microsoft/Phi-3-mini-4k-instruct")))
     args = cli.build_parser().parse_args(["arch", "--model", str(tmp_path), "--device", "cpu"])
-    cli.say_memory(args, tmp_path)
+    config = p3.Phi3Config.from_pretrained(tmp_path)  # as load() read it
+    cli.say_memory(args, config)
     assert "the weights take 15.3 GB of memory in float32 on the CPU; --dtype bf16 halves it, " \
         "--quantize int8 takes about a quarter of fp32, int4 a sixth (fastest with --compile)" in capsys.readouterr().err
     args.dtype = "bf16"
-    cli.say_memory(args, tmp_path)
+    cli.say_memory(args, config)
     assert "7.6 GB of memory in bfloat16 on the CPU; --quantize int8" in capsys.readouterr().err
     args.quantize = "int8"
-    cli.say_memory(args, tmp_path)
+    cli.say_memory(args, config)
     err = capsys.readouterr().err
     assert "3.9 GB of memory in bfloat16" in err and "--quantize" not in err
     args.quantize = "int4"
-    cli.say_memory(args, tmp_path)
+    cli.say_memory(args, config)
     err = capsys.readouterr().err
     assert "2.2 GB of memory in bfloat16" in err and "--quantize" not in err
+    assert config.quantization is None  # read, not changed: load() goes on with it
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU: mps is no mistake")
