@@ -18,6 +18,8 @@ ships with this package, see scripts/train_tiny.py), --device and --dtype.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import sys
 import time
@@ -323,7 +325,11 @@ def cmd_bench(args, loaded=None) -> None:
     ways = {"with KV cache": dict(use_cache=True), "without cache": dict(use_cache=False)}
     if getattr(args, "compile", False):
         ways["cache, compiled"] = dict(use_cache=True, compile=True)
-        generate(model, ids, args.max_new_tokens, eos_token_id=[], compile=True)  # compiles, outside the timing
+    # One untimed run of each way first: a first call pays for allocations and kernel choices.
+    # A short one will do, except compiled: it compiles for the cache length the timed runs use.
+    for way, options in ways.items():
+        warm_up = args.max_new_tokens if options.get("compile") else min(args.max_new_tokens, 8)
+        generate(model, ids, warm_up, eos_token_id=[], **options)
     times = {way: [] for way in ways}
     for run in range(args.runs):  # alternate, so that every way sees the same machine conditions
         for way, options in ways.items():
@@ -345,6 +351,7 @@ def bench_vs_transformers(args) -> None:
     """phi3_scratch.benchmark on this model's checkpoint: ours and transformers', side by side."""
     from . import benchmark
 
+    require_transformers("bench --vs-transformers")
     chosen = [flag for flag, given in (("--quantize", args.quantize), ("--attention", args.attention != "eager"),
                                        ("--compile", args.compile)) if given]
     if chosen:
@@ -496,10 +503,7 @@ def cmd_attention(args) -> None:
 def cmd_compare(args) -> None:
     from .tracing import compare_with_transformers, default_tolerance, format_comparison
 
-    try:
-        import transformers
-    except ImportError:
-        raise Phi3Error("compare runs transformers beside this model: pip install transformers") from None
+    transformers = require_transformers("compare")
     saved = model_config(args).quantization
     if saved:  # transformers would read the integers as weights and drop the scales
         raise Phi3Error(f"compare: {args.model} is a checkpoint saved {saved}, which transformers cannot read; "
@@ -518,6 +522,16 @@ def cmd_compare(args) -> None:
     rows = compare_with_transformers(model, hf, ids, tolerance)
     print(format_comparison(rows, tolerance))
     return 0 if all(r["ok"] for r in rows) else 1  # like diff: 1 when they disagree
+
+
+def require_transformers(command: str):
+    """The transformers module, or a Phi3Error saying that `command` needs it."""
+    try:
+        import transformers
+    except ImportError:
+        raise Phi3Error(f"{command} runs transformers beside this model, and transformers is not installed: "
+                        "pip install transformers") from None
+    return transformers
 
 
 # --------------------------------------------------------------------------------------- main
@@ -599,7 +613,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
     p.add_argument("-p", "--prompt", default=None,
                    help="the generation step's prompt (default: the notebook's; for --model tiny, a question it knows)")
-    p.add_argument("--runs", type=positive_int, default=2, help="timed runs of the KV-cache step (default 2)")
+    p.add_argument("--runs", type=positive_int, default=5,
+                   help="timed runs of the KV-cache step, after an untimed one; the median is shown (default 5)")
     p = sub.add_parser("step", parents=[common, chat, prompt], help="decode one token at a time, your choice")
     p.add_argument("--top-k", type=positive_int, default=5, help="candidates shown at each step (default 5)")
     p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=200,
@@ -665,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
                         if value is not None]
             if sampling and given is None:
-                log(f"note: {', '.join(sampling)} only matter when sampling: sampling with --temperature 1.0")
+                verb = "matters" if len(sampling) == 1 else "matter"
+                log(f"note: {', '.join(sampling)} only {verb} when sampling: sampling with --temperature 1.0")
                 args.temperature = 1.0
             elif sampling and given == 0:
                 log(f"note: --temperature 0 is greedy, which ignores {', '.join(sampling)}")
@@ -686,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     except Phi3Error as e:  # exit status 2, as for a mistyped flag (argparse) and diff's trouble
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`| head`): end quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit has somewhere to write
+        return 128 + signal.SIGPIPE  # 141: the status of a tool that SIGPIPE ended
     except OSError as e:  # a cache folder that cannot be written, a full disk, ...
         print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2

@@ -593,3 +593,42 @@ def test_dtype_names_in_any_case_and_auto(tiny, capsys, tmp_path):
 def test_a_prompt_refused_before_the_first_token_prints_nothing(tiny, capsys):
     code, out, err = run(capsys, "generate", "cache " * 600, "--model", tiny, "-n", 5)  # 512 positions
     assert code == 2 and out == "" and "more than the model's max_position_embeddings 512" in err
+
+
+def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
+    """`phi3-scratch tour --model tiny | head -3`: no 'error: Broken pipe', the status SIGPIPE gives."""
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path)}
+    tool = subprocess.Popen([sys.executable, "-m", "phi3_scratch", "tour", "--model", "tiny"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tool.stdout.readline()
+    tool.stdout.close()  # what head does after its lines
+    err = tool.stderr.read()
+    tool.wait(timeout=300)
+    assert first.startswith("== 1. Load")
+    assert "Broken pipe" not in err and "error" not in err and "Traceback" not in err, err
+    assert tool.returncode == 141
+
+
+def test_the_tour_times_the_cache_after_a_warm_up_over_five_runs(capsys, monkeypatch):
+    calls = []
+    real = cli.generate
+    monkeypatch.setattr(cli, "generate", lambda model, ids, n, **kw: calls.append((n, kw)) or real(model, ids, n, **kw))
+    code, out, _ = run(capsys, "tour", "--model", "tiny")
+    assert code == 0 and "50 new tokens after a 10-token prompt, 5 runs each" in out
+    warm_ups = calls[:2]  # one short untimed run of each way, then 5 timed runs of each
+    assert [kw["use_cache"] for _, kw in warm_ups] == [True, False] and all(n < 50 for n, _ in warm_ups)
+    assert [n for n, _ in calls[2:]] == [50] * 10
+    assert re.search(r"with KV cache   median .*\(runs: (\d\.\d{3}, ){4}\d\.\d{3}\)", out)
+
+
+def test_one_sampling_flag_without_temperature_matters(tiny, capsys):
+    code, _, err = run(capsys, "generate", "The", "--model", tiny, "-n", 3, "--top-k", 5)
+    assert code == 0 and "note: --top-k only matters when sampling" in err
+
+
+def test_bench_vs_transformers_without_transformers_is_refused_before_its_header(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    code, out, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers")
+    assert code == 2 and out == ""
+    assert err == ("error: bench --vs-transformers runs transformers beside this model, and transformers is not "
+                   "installed: pip install transformers\n")
