@@ -122,7 +122,7 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     except Phi3Error as e:
         if args.tokenizer or not local.is_dir():
             raise
-        raise Phi3Error(f"{e}. A checkpoint saved without its tokenizer (save_pretrained writes none) "
+        raise Phi3Error(f"{e}. A checkpoint saved without its tokenizer (model.save_pretrained writes none) "
                         f"can take one from elsewhere: --tokenizer DIR (or a repo id, or 'tiny')") from None
     if tokenizer.vocab_size > config.vocab_size:  # its ids would run past the embedding
         which = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer of {args.model}"

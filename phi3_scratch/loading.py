@@ -31,10 +31,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import Phi3Config
+from .config import Phi3Config, read_json
 from .errors import Phi3Error, warn
 from .model import check_attention_kernel
 from .quantize import check_method, method_to_load, quantized_names, swap_in, use_quantized_modules
+from .saving import SAVE_KEY
 
 HUB_FILES = [
     "config.json",
@@ -62,10 +63,12 @@ TOKENIZER_FILES = [f for f in HUB_FILES if "safetensors" not in f]
 CONFIG_FILES = ["config.json", "generation_config.json"]
 
 
-def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES) -> Path:
+def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES,
+                       what: str = "checkpoint folder") -> Path:
     """A local folder as it is, or the local snapshot of a Hugging Face repo (downloaded if needed).
 
     `files`: the name patterns to download (the tokenizer asks for TOKENIZER_FILES: no weights).
+    `what`: the folder's name in an error ("tokenizer folder" for the tokenizer).
     """
     if not isinstance(path_or_repo_id, (str, os.PathLike)):
         raise Phi3Error(f"expected a checkpoint folder, a Hugging Face repo id or 'tiny' (a str or path), "
@@ -77,9 +80,9 @@ def resolve_checkpoint(path_or_repo_id: str | Path, files: list[str] = HUB_FILES
     if name == "tiny":
         return TINY
     if path.exists():
-        raise Phi3Error(f"{name} is a file; expected a checkpoint folder (with config.json) or a repo id")
+        raise Phi3Error(f"{name} is a file; expected a {what} or a repo id")
     if not REPO_ID.match(name):
-        raise Phi3Error(f"checkpoint folder {name} not found (and it is not a Hugging Face repo id like 'org/name')")
+        raise Phi3Error(f"{what} {name} not found (and it is not a Hugging Face repo id like 'org/name')")
     return _download(name, files)
 
 
@@ -177,6 +180,26 @@ def _open(path: Path):
         raise Phi3Error(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def check_save_record(folder: Path, weight_files: list[str]) -> None:
+    """Refuse a checkpoint whose files come from different saves (an interrupted save_pretrained).
+
+    Weights that carry no save id are not checked: transformers and the hub write none.
+    """
+    ids = set()
+    for name in weight_files:
+        with _open(folder / name) as f:
+            ids.add((f.metadata() or {}).get(SAVE_KEY))
+    saved = ids - {None}
+    if not saved:
+        return
+    records = {name: read_json(folder / name).get(SAVE_KEY) for name in ("config.json", "generation_config.json")
+               if (folder / name).is_file()}
+    if len(ids) > 1 or any(record not in saved for record in records.values()):
+        found = ", ".join(f"{name} {record or 'none'}" for name, record in records.items())
+        raise Phi3Error(f"checkpoint {folder} is incomplete: its weights are from save {'/'.join(sorted(saved))}, "
+                        f"but the save ids of {found} differ. A save_pretrained was interrupted: save again")
+
+
 def checkpoint_dtype(folder: Path, files: list[str]) -> torch.dtype:
     """The dtype of the checkpoint's first floating-point tensor (a quantized checkpoint's are its scales)."""
     first = folder / files[0]
@@ -206,6 +229,7 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
     folder = resolve_checkpoint(path_or_repo_id)
     config = Phi3Config.from_pretrained(folder)
     files = weight_files(folder)
+    check_save_record(folder, files)  # an interrupted save_pretrained is refused, not half loaded
     dtype = resolve_dtype(dtype, device, checkpoint_dtype(folder, files))
     saved = config.quantization  # a checkpoint saved quantized holds integer weights and their scales
     quantize = method_to_load(quantize, saved, folder)

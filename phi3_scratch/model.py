@@ -113,10 +113,12 @@ class Phi3ForCausalLM(nn.Module):
                           quantize=quantize)
 
     def save_pretrained(self, folder) -> None:
-        """Write config.json, generation_config.json and model.safetensors (a quantized model as it is)."""
-        from .quantize import save_pretrained
+        """Write config.json, generation_config.json and model.safetensors (a quantized model as it is).
 
-        save_pretrained(self, folder)
+        Whatever checkpoint the folder held is replaced; other files stay (saving.py)."""
+        from .saving import save_model
+
+        save_model(self, folder)
 
 
 class Phi3Model(nn.Module):

@@ -24,14 +24,11 @@ Compiled (`compile=True`), a decode step's one-row products become reduction ker
 the packed matrix and convert each entry as they go: a step reads about a quarter (int8) or a
 seventh (int4, its scales and offsets included) of fp32's bytes. Run eagerly, torch converts the whole matrix first, so quantization saves
 memory there, not time. The embedding stays in the model's dtype (a decode step reads one row of
-it), and so do the norms. A quantized model is saved (`save_pretrained`) with its integer weights,
-scales (and offsets) and a "quantization" entry in config.json, and loads back as it was saved.
+it), and so do the norms. A quantized model is saved (`save_pretrained`, saving.py) with its integer
+weights, scales (and offsets) and a "quantization" entry in config.json, and loads back as it was saved.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -195,22 +192,3 @@ def quantize_model(model, method: str = "int8"):
             new.set_weight(old.weight)
     model.config.quantization = method
     return model
-
-
-def save_pretrained(model, folder: str | Path) -> None:
-    """config.json (official format, with its "quantization"), generation_config.json, model.safetensors."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    d = config.to_dict()
-    d["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")  # as saved, not as loaded
-    (folder / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-    generation = {"eos_token_id": config.stop_token_ids, "bos_token_id": config.bos_token_id,
-                  "pad_token_id": config.pad_token_id}
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # the embedding, stored once
-    save_file(state, str(folder / "model.safetensors"))

@@ -123,8 +123,9 @@ class Tokenizer:
     def from_pretrained(cls, path_or_repo_id: str | Path) -> Tokenizer:
         """A folder with tokenizer.model (+ tokenizer_config.json), or a repo id to download."""
         from .loading import TOKENIZER_FILES, resolve_checkpoint  # here, not at the top: loading imports torch
+        from .saving import TOKENIZER_NAMES
 
-        folder = resolve_checkpoint(path_or_repo_id, TOKENIZER_FILES)
+        folder = resolve_checkpoint(path_or_repo_id, TOKENIZER_FILES, what="tokenizer folder")
         model, bpe = folder / "tokenizer.model", folder / "tokenizer.json"
         if model.is_file():  # Phi-3: a sentencepiece model
             pieces = spm.SentencePieceProcessor()
@@ -143,7 +144,23 @@ class Tokenizer:
                 raise Phi3Error(f"{folder / 'tokenizer_config.json'}: {key} is {config[key]!r:.100}; "
                                 f"expected a {kind.__name__}")
         template = folder / "chat_template.jinja"  # where transformers 5's save_pretrained writes it
-        return cls(pieces, _added_tokens(folder, config), config, template.read_text() if template.is_file() else None)
+        tokenizer = cls(pieces, _added_tokens(folder, config), config,
+                        template.read_text() if template.is_file() else None)
+        tokenizer.files = {name: (folder / name).read_bytes() for name in TOKENIZER_NAMES
+                           if (folder / name).is_file()}  # what save_pretrained writes back
+        return tokenizer
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the files this tokenizer was read from into `folder` (saving.py).
+
+        They load back with this package and with transformers' AutoTokenizer.
+        """
+        from .saving import save_tokenizer
+
+        if not getattr(self, "files", None):
+            raise Phi3Error("Tokenizer.save_pretrained: this tokenizer was not read from a folder "
+                            "(Tokenizer.from_pretrained), so there are no files to write")
+        save_tokenizer(self.files, folder)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`: added tokens first, sentencepiece on the text between them."""

@@ -632,3 +632,9 @@ def test_bench_vs_transformers_without_transformers_is_refused_before_its_header
     assert code == 2 and out == ""
     assert err == ("error: bench --vs-transformers runs transformers beside this model, and transformers is not "
                    "installed: pip install transformers\n")
+
+
+def test_a_missing_tokenizer_folder_is_named_as_the_tokenizer_folder(capsys):
+    code, out, err = run(capsys, "generate", "hi", "--model", "tiny", "--tokenizer", "/nonexistent")
+    assert code == 2 and out == ""
+    assert err == "error: tokenizer folder /nonexistent not found (and it is not a Hugging Face repo id like 'org/name')\n"
