@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .errors import Phi3Error
 from .generation import check_sampling, generate, stream_tokens
@@ -37,6 +38,7 @@ from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 TOUR_PROMPT = "What does the KV cache do?"  # a question of the tiny model's corpus (scripts/tiny_corpus.txt)
+BAR = "{desc} [{bar:30}] {n_fmt}/{total_fmt}{unit}"  # tqdm's bar, as the load shows it
 COMPARE_PROMPT = "The KV cache keeps the keys and values of earlier tokens."
 
 
@@ -132,16 +134,21 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     say_memory(args, config)
     log(f"loading {args.model} ({folder}) onto {args.device}")
 
-    def bar(done: int, total: int) -> None:
-        tty = sys.stderr.isatty()
-        if done < total and not tty:
-            return  # a log file or a pipe gets the finished bar only, not one line per tensor
-        filled = 30 * done // total
-        back = "\r" if tty else ""  # to the start of the line: the bar is drawn again in place
-        log(f"{back}  weights [{'#' * filled}{'-' * (30 - filled)}] {done}/{total} tensors", end="\n" if done == total else "")
+    bars = []  # tqdm's bar, made at the first tensor, when the total is known
 
-    model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=bar,
-                                            attention=args.attention, quantize=args.quantize)
+    def progress(done: int, total: int) -> None:
+        if not bars:  # a log file or a pipe gets the first and the last state only
+            every = 0.1 if sys.stderr.isatty() else float("inf")
+            bars.append(tqdm(total=total, desc="  weights", unit=" tensors", file=sys.stderr, mininterval=every,
+                             bar_format=BAR))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=progress,
+                                                attention=args.attention, quantize=args.quantize)
+    finally:
+        for bar in bars:
+            bar.close()
     weight = model.model.embed_tokens.weight
     kind = f"{model.config.quantization} matrices, {weight.dtype} otherwise" if model.config.quantization else weight.dtype
     log(f"loaded {count(model):,} parameters ({kind}, {weight_bytes(model) / 1e9:.3f} GB) and "

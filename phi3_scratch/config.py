@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Phi3Error, is_integer, is_number
-from .quantize import METHODS
+
+QUANTIZATIONS = ("int8", "int4")  # config.json's "quantization": quantize.py implements each
 
 ROPE_TYPES = ("default", "longrope")
 # Older 128k checkpoints say "su"; transformers' Phi3Config maps "yarn" to longrope too (in Phi-3
@@ -126,8 +127,8 @@ class Phi3Config:
                         f"{self.rotary_dim // 2} numbers, got "
                         f"{'none' if factors is None else len(factors)}"
                     )
-        if self.quantization is not None and self.quantization not in METHODS:
-            raise Phi3Error(f"{where}: quantization must be null or {' or '.join(map(repr, METHODS))}, "
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise Phi3Error(f"{where}: quantization must be null or {' or '.join(map(repr, QUANTIZATIONS))}, "
                             f"got {self.quantization!r}")
         if self.sliding_window is not None and not (is_integer(self.sliding_window) and self.sliding_window >= 1):
             raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")

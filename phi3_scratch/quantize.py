@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import QUANTIZATIONS
 from .errors import Phi3Error
 
 LAYER_MATRICES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -140,7 +141,7 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 LINEAR = {"int8": Int8Linear, "int4": Int4Linear}  # method -> the module that replaces nn.Linear
-METHODS = tuple(LINEAR)
+METHODS = QUANTIZATIONS  # the methods config.json may name, one module each in LINEAR
 
 
 def quantized_names(model) -> list[str]:
