@@ -73,6 +73,7 @@ class Tokenizer:
 
     def __init__(self, model: spm.SentencePieceProcessor | ByteLevelBPE, added: list[AddedToken], config: dict,
                  chat_template: str | None = None):
+        self.files: dict[str, bytes] = {}  # the files from_pretrained read: what save_pretrained writes
         if isinstance(model, ByteLevelBPE):  # Phi-4: no sentencepiece, no byte pieces, no "▁"
             self._sp, self._bpe = None, model
             self._setup(added, config, chat_template, max(model.piece_of) + 1, (-1, -1, -1))
@@ -147,7 +148,7 @@ class Tokenizer:
         tokenizer = cls(pieces, _added_tokens(folder, config), config,
                         template.read_text() if template.is_file() else None)
         tokenizer.files = {name: (folder / name).read_bytes() for name in TOKENIZER_NAMES
-                           if (folder / name).is_file()}  # what save_pretrained writes back
+                           if (folder / name).is_file()}
         return tokenizer
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -157,7 +158,7 @@ class Tokenizer:
         """
         from .saving import save_tokenizer
 
-        if not getattr(self, "files", None):
+        if not self.files:
             raise Phi3Error("Tokenizer.save_pretrained: this tokenizer was not read from a folder "
                             "(Tokenizer.from_pretrained), so there are no files to write")
         save_tokenizer(self.files, folder)
