@@ -51,7 +51,7 @@ class KVCache:
         # static only: False at the prompt's padding slots, True elsewhere (B, max_len)
         self.real = torch.ones(batch_size, max_len, dtype=torch.bool, device=device) if static else None
         self.in_use = False  # static only: an open compile=True stream is writing into it
-        self.padded = False  # dynamic only: a checked call filled it with left padding (model.check_inputs)
+        self.padded = False  # dynamic only: a checked call filled it with left padding (checks.check_inputs)
         if static:
             for t in [*self.keys, *self.values, self.length, self.real]:
                 # A compiled step (a CUDA graph on a GPU) reads and writes these in place: their

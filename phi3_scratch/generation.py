@@ -23,8 +23,9 @@ from collections.abc import Iterator
 import torch
 
 from .compiled import CompiledDecoder, static_cache
-from .errors import Phi3Error, is_integer, is_number, warn
-from .model import Phi3ForCausalLM, as_causal_lm, check_attention_mask, check_input_ids, check_on_device
+from .checks import check_attention_mask, check_input_ids, check_on_device
+from .errors import Phi3Error, is_integer, is_number, type_name, warn
+from .model import Phi3ForCausalLM, Phi3Model
 
 
 @torch.inference_mode()
@@ -90,6 +91,16 @@ def stream_tokens(
         if attention_mask is not None:  # (B, T + step + 1): the new token is real
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         logits = next_logits(model, seq, cache, attention_mask, decoder, padding)  # (B, V)
+
+
+def as_causal_lm(model, where: str) -> Phi3ForCausalLM:
+    """The Phi3ForCausalLM a tool runs: `model` itself, or the one a notebook model wraps (notebook.py)."""
+    inner = getattr(model, "causal_lm", model)  # p3.AutoModelForCausalLM's model keeps the plain one there
+    if not isinstance(inner, Phi3ForCausalLM):
+        hint = " (the body, model.model: pass the whole model)" if isinstance(model, Phi3Model) else ""
+        raise Phi3Error(f"{where}: model must be this package's Phi3ForCausalLM (p3.Phi3ForCausalLM.from_pretrained), "
+                        f"got {type_name(model)}{hint}")
+    return inner
 
 
 def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask, temperature,

@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import Phi3Config, read_json
 from .errors import Phi3Error, warn
-from .model import check_attention_kernel
+from .checks import check_attention_kernel
 from .quantize import check_method, method_to_load, quantized_names, swap_in, use_quantized_modules
 from .saving import SAVE_KEY
 

@@ -16,8 +16,8 @@ Start at Phi3ForCausalLM.forward, the one forward pass that everything runs: a u
 `model(input_ids)`, generate (every prefill and decode step), the Stepper, traces, and, compiled,
 `compile=True`. (The notebook's body-then-head cell, `next-token` and the logit lens call its two
 halves themselves: Phi3Model.forward, then lm_head.) After the classes come the helpers they
-call: the input checks (once per call, at the edge), the positions and the attention mask (one
-place for both), and the attention kernels. Module names equal the checkpoint's tensor names
+call: the positions and the attention mask (one place for both), and the attention kernels. The
+input checks live in checks.py: forward runs them once, on entry. Module names equal the checkpoint's tensor names
 (`model.layers.0.self_attn.qkv_proj.weight`), so loading is a plain name-to-tensor copy.
 
 Shapes in comments use: B batch, T new tokens, S key slots attended (cached + new; with a static
@@ -33,7 +33,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import Phi3Config
-from .errors import Phi3Error, is_integer, type_name
+from .checks import check_attention_kernel, check_inputs, check_logits_to_keep, check_new_cache
 from .rotary import Phi3RotaryEmbedding, apply_rotary
 
 
@@ -62,8 +62,8 @@ class Phi3ForCausalLM(nn.Module):
         would cost T x V numbers (6 GB in bf16 for 100k tokens of Phi-3's 32064-word vocabulary).
         check=False skips the input checks: generate validated its input once, before its loop.
         """
-        if not is_integer(logits_to_keep) or logits_to_keep < 0:
-            raise Phi3Error(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
+        if check:
+            check_logits_to_keep(logits_to_keep)
         hidden = self.model(input_ids, cache, attention_mask, check)  # (B, T, H)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # (B, n, H)
@@ -87,13 +87,7 @@ class Phi3ForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int = 1, *, max_len: int, static: bool = False) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` positions (cache.py)."""
-        if not is_integer(batch_size) or batch_size < 1:
-            raise Phi3Error(f"batch_size must be a positive integer, got {batch_size!r} ({type_name(batch_size)})")
-        if not is_integer(max_len) or not 0 < max_len <= self.config.max_position_embeddings:
-            raise Phi3Error(
-                f"max_len must be an integer in 1..max_position_embeddings={self.config.max_position_embeddings}, "
-                f"got {max_len!r} ({type_name(max_len)})"
-            )
+        check_new_cache(self.config, batch_size, max_len)
         weight = self.model.embed_tokens.weight  # the model's dtype (a quantized head's is not)
         c = self.config
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
@@ -234,7 +228,7 @@ class Phi3Attention(nn.Module):
         self.qkv_split = (q_size, kv_size, kv_size)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)  # weight (H, nH*hd)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)  # weight (nH*hd + 2*nKV*hd, H)
-        self.kernel = "eager"  # a key of ATTENTION_KERNELS
+        self.kernel = "eager"  # a key of ATTENTION
 
     def forward(
         self,
@@ -260,7 +254,7 @@ class Phi3Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, slots)  # (B, nKV, S, hd): earlier positions + these
 
-        attention = ATTENTION_KERNELS["eager" if trace is not None else self.kernel]
+        attention = ATTENTION["eager" if trace is not None else self.kernel]
         out = attention(q, k, v, mask, trace)  # (B, nH, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nH*hd): heads side by side
         return self.o_proj(out)  # (B, T, H)
@@ -278,109 +272,6 @@ class Phi3MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
         return self.down_proj(up * self.activation_fn(gate))  # (B, T, H)
-
-
-# --------------------------------------------------------------------- checks, at the edge
-
-
-def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention_mask, weight: torch.Tensor) -> None:
-    """Refuse input the model cannot run, with the reason: once per public call, never per decode step.
-
-    Checking the id range and the mask's values reads a few numbers back from the device: on a GPU
-    each is a wait for the GPU, the price of a clear error instead of an index error deep inside
-    the embedding. generate pays it once, before its loop, and then calls forward with check=False.
-    """
-    B, T = check_input_ids(input_ids, config.vocab_size)
-    check_on_device(weight.device, input_ids=input_ids, attention_mask=attention_mask)
-    past = 0
-    if cache is not None:
-        check_cache(cache, config, weight)
-        cache.check_room(B, T)
-        if cache.static:
-            if attention_mask is not None:
-                raise Phi3Error("a static cache keeps its own padding mask (cache.real); pass attention_mask=None")
-            return
-        past = cache.length
-        if attention_mask is None and cache.padded:
-            raise Phi3Error(f"the cache holds a left-padded batch: pass attention_mask of shape (batch, cached + new) "
-                            f"= {(B, past + T)} on every call, or the padded keys would be attended to")
-    if past + T > config.max_position_embeddings:
-        raise Phi3Error(
-            f"sequence of {past + T} positions ({past} cached + {T} new) is longer than the "
-            f"model's max_position_embeddings {config.max_position_embeddings}"
-        )
-    if attention_mask is not None:
-        pads = check_attention_mask(attention_mask, (B, past + T), "(batch, cached + new tokens)")
-        if cache is not None:  # remember padding: a later call without the mask would not see it
-            cache.padded = cache.padded or pads
-
-
-def as_causal_lm(model, where: str) -> Phi3ForCausalLM:
-    """The Phi3ForCausalLM a tool runs: `model` itself, or the one a notebook model wraps (notebook.py)."""
-    inner = getattr(model, "causal_lm", model)  # p3.AutoModelForCausalLM's model keeps the plain one there
-    if not isinstance(inner, Phi3ForCausalLM):
-        hint = " (the body, model.model: pass the whole model)" if isinstance(model, Phi3Model) else ""
-        raise Phi3Error(f"{where}: model must be this package's Phi3ForCausalLM (p3.Phi3ForCausalLM.from_pretrained), "
-                        f"got {type_name(model)}{hint}")
-    return inner
-
-
-def check_on_device(device: torch.device, **tensors) -> None:
-    """Each tensor given (None: not given) on the model's device, or an error saying where to move it."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.device != device:
-            raise Phi3Error(f"{name} is on {t.device} but the model is on {device}: move it with .to({str(device)!r})")
-
-
-def check_cache(cache, config: Phi3Config, weight: torch.Tensor) -> None:
-    """A KVCache made for this model: its layers, kv heads, head size, dtype and device."""
-    if not isinstance(cache, KVCache):
-        raise Phi3Error(f"cache must be a KVCache (model.new_cache(batch_size, max_len=...)), got {type(cache).__name__}")
-    keys = cache.keys[0]
-    have = (len(cache.keys), keys.shape[1], keys.shape[3], str(keys.dtype), str(keys.device))
-    want = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, str(weight.dtype), str(weight.device))
-    if have != want:
-        fields = "(layers, kv heads, head size, dtype, device)"
-        raise Phi3Error(f"the cache does not fit this model: its {fields} are {have}, the model's {want}; "
-                        f"make it with model.new_cache(batch_size, max_len=...)")
-
-
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> tuple[int, int]:
-    """(B, T) of a 2-D tensor of ids in the vocabulary; a Phi3Error saying what is wrong otherwise, calling
-    the tensor by the caller's name for it (the Stepper's is prompt_ids)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise Phi3Error(f"{name} must be a 2-D LongTensor (batch, tokens), got {shape}")
-    B, T = input_ids.shape
-    if B == 0 or T == 0:  # before the dtype: torch.tensor([[]]) is a float tensor
-        raise Phi3Error(f"{name} is empty: shape {(B, T)}; give at least one token per row")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise Phi3Error(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
-    lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read from the device for both
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise Phi3Error(f"token id {bad} is outside the vocabulary: expected ids in 0..{vocab_size - 1}")
-    return B, T
-
-
-def check_attention_mask(mask, shape: tuple[int, int], meaning: str) -> bool:
-    """Refuse a mask of another type, shape or values; return whether it pads (one read of the device)."""
-    if not isinstance(mask, torch.Tensor):
-        raise Phi3Error(f"attention_mask must be a tensor of 0 and 1, got {type(mask).__name__}")
-    if tuple(mask.shape) != shape:
-        raise Phi3Error(f"attention_mask must have shape {meaning} = {shape}, got {tuple(mask.shape)}")
-    valid = pads = False  # a float or complex mask is refused without reading it
-    if not (mask.dtype.is_floating_point or mask.dtype.is_complex):
-        valid, pads = torch.stack([((mask == 0) | (mask == 1)).all(), (mask == 0).any()]).tolist()
-    if not valid:
-        raise Phi3Error(f"attention_mask must hold only 0 (padding) and 1 (real token) as integers or bools, "
-                        f"got dtype {mask.dtype} with values {mask.unique().tolist()[:6]}")
-    return pads
-
-
-def check_attention_kernel(kernel) -> None:
-    if kernel not in ATTENTION_KERNELS:
-        raise Phi3Error(f"attention must be {' or '.join(map(repr, ATTENTION_KERNELS))}, got {kernel!r}")
 
 
 # ---------------------------------------------------------- positions and the attention mask
@@ -455,4 +346,4 @@ def sdpa_attention(q, k, v, mask, trace=None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nH, T, hd)
 
 
-ATTENTION_KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention}
+ATTENTION = {"eager": eager_attention, "sdpa": sdpa_attention}  # checks.ATTENTION_KERNELS names them

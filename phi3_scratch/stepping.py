@@ -27,7 +27,9 @@ import torch
 
 from .errors import Phi3Error, is_integer
 from .generation import last_logits, next_logits
-from .model import Phi3ForCausalLM, as_causal_lm, check_input_ids
+from .checks import check_input_ids
+from .generation import as_causal_lm
+from .model import Phi3ForCausalLM
 
 
 @dataclass

@@ -27,7 +27,9 @@ from contextlib import contextmanager
 import torch
 
 from .errors import Phi3Error, is_number, type_name
-from .model import Phi3ForCausalLM, as_causal_lm, check_input_ids, check_on_device
+from .checks import check_input_ids, check_on_device
+from .generation import as_causal_lm
+from .model import Phi3ForCausalLM
 
 MODEL_NAMES = ("embed", "positions", "mask", "final_norm", "logits")
 LAYER_NAMES = ("input_norm", "q", "k", "v", "attn_probs", "attn_out", "attn_residual", "post_attn_norm",
