@@ -14,6 +14,7 @@ from .cache import KVCache
 from .config import Phi3Config
 from .errors import Phi3Error
 from . import loading  # noqa: F401  (p3.loading.TINY: the built-in tiny model's folder)
+from .decode import greedy_decode
 from .generation import generate, stream_tokens
 from .model import Phi3ForCausalLM, Phi3Model
 from .notebook import AutoModelForCausalLM, AutoTokenizer, pipeline  # the teaching notebook's names
@@ -22,4 +23,4 @@ from .tokenizer import Tokenizer
 from .tracing import Trace, compare_with_transformers, logit_lens, trace
 
 __all__ = ["AutoModelForCausalLM", "AutoTokenizer", "KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM", "Phi3Model", "StepRecord", "Stepper", "Tokenizer",
-           "Trace", "compare_with_transformers", "generate", "logit_lens", "pipeline", "stream_tokens", "trace"]
+           "Trace", "compare_with_transformers", "generate", "greedy_decode", "logit_lens", "pipeline", "stream_tokens", "trace"]

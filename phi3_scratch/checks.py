@@ -124,3 +124,19 @@ def check_new_cache(config: Phi3Config, batch_size, max_len) -> None:
             f"max_len must be an integer in 1..max_position_embeddings={config.max_position_embeddings}, "
             f"got {max_len!r} ({type_name(max_len)})"
         )
+
+
+def check_greedy_decode(config: Phi3Config, input_ids, max_new_tokens, device: torch.device) -> None:
+    """greedy_decode's arguments: ids the model reads, a length its positions and its one cache hold."""
+    B, T = check_input_ids(input_ids, config.vocab_size)
+    check_on_device(device, input_ids=input_ids)
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
+        raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    fed = T + max_new_tokens - 1  # the last new token is returned, never fed back
+    if fed > config.max_position_embeddings:
+        raise Phi3Error(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} - 1 = {fed} positions, more than "
+                        f"the model's max_position_embeddings {config.max_position_embeddings}")
+    if config.rope_type == "longrope" and fed > config.original_max_position_embeddings:
+        raise Phi3Error(f"{fed} positions pass LongRoPE's original context ({config.original_max_position_embeddings}),"
+                        f" where every cached key must be rotated again: greedy_decode keeps one cache, so use "
+                        f"generate(model, input_ids, max_new_tokens, eos_token_id=[]), which starts over there")
