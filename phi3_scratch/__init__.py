@@ -5,9 +5,11 @@
     out = p3.generate(model, input_ids, max_new_tokens=200)
 
 Read in this order (docs/WALKTHROUGH.md's): config.py, model.py, rotary.py, cache.py,
-generation.py, loading.py, then tokenizer.py (bpe.py for Phi-4) and cli.py (the `phi3-scratch`
-command); family.py holds the six published configs, quantize.py int8 and int4 weights,
-notebook.py the teaching notebook's transformers names.
+generation.py, loading.py. Then tokenizer.py (bpe.py for Phi-4) and cli.py (the `phi3-scratch` command).
+
+- family.py: the six published configs.
+- quantize.py: int8 and int4 weights.
+- notebook.py: the teaching notebook's transformers names.
 """
 
 from .cache import KVCache
@@ -22,5 +24,6 @@ from .stepping import Stepper, StepRecord
 from .tokenizer import Tokenizer
 from .tracing import Trace, compare_with_transformers, logit_lens, trace
 
-__all__ = ["AutoModelForCausalLM", "AutoTokenizer", "KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM", "Phi3Model", "StepRecord", "Stepper", "Tokenizer",
-           "Trace", "compare_with_transformers", "generate", "greedy_decode", "logit_lens", "pipeline", "stream_tokens", "trace"]
+__all__ = ["AutoModelForCausalLM", "AutoTokenizer", "KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM",
+           "Phi3Model", "StepRecord", "Stepper", "Tokenizer", "Trace", "compare_with_transformers",
+           "generate", "greedy_decode", "logit_lens", "pipeline", "stream_tokens", "trace"]

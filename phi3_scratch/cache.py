@@ -1,8 +1,8 @@
 """KVCache: the keys and values of the positions already seen, so each new token costs one step.
 
 Without a cache, generating token n runs the whole sequence of n tokens through the model again.
-With one, every layer keeps the k and v it computed for earlier positions (rotary already
-applied), and a new token only computes its own q, k and v and attends over the stored ones.
+With one, every layer keeps the k and v it computed for earlier positions (rotary already applied).
+A new token only computes its own q, k and v, and attends over the stored ones.
 
 Everything is allocated once, at its final size, and filled left to right:
 
@@ -10,16 +10,19 @@ Everything is allocated once, at its final size, and filled left to right:
     values[layer] (batch, kv_heads, max_len, head_dim)
     length        how many positions are filled; slots [length, max_len) are unused
 
-so in a debugger, between forward passes, `cache.keys[0][0, :, :cache.length]` holds every key
-layer 0 can attend over (the mask then applies the sliding window and any padding). Inside a
-forward pass, `length` still counts the earlier positions until every layer has written its new
-ones (at slots length, length + 1, ...): it moves on in `advance`, at the end of the pass.
+In a debugger, between forward passes, `cache.keys[0][0, :, :cache.length]` holds every key
+layer 0 can attend over. The mask then applies the sliding window and any padding.
 
-A static cache (`static=True`, what `compile=True` uses) is the same cache with fixed shapes, so
-that one compiled decode step serves every token: `length` is a tensor on the device rather than
-a Python int (a compiled step that read a Python count would be compiled again for each value),
-new k and v are written at the slots that tensor names, attention runs over all max_len slots
-(the mask hides the unfilled ones), and the padding of the prompt is kept in `real`.
+Inside a forward pass, every layer writes its new positions at slots length, length + 1, ...
+`length` still counts only the earlier positions then. It moves on in `advance`, at the end of the pass.
+
+A static cache (`static=True`, what `compile=True` uses) is the same cache with fixed shapes.
+Then one compiled decode step serves every token:
+- `length` is a tensor on the device, not a Python int.
+  A compiled step that read a Python count would be compiled again for each value.
+- new k and v are written at the slots that tensor names.
+- attention runs over all max_len slots; the mask hides the unfilled ones.
+- the padding of the prompt is kept in `real`.
 """
 
 from __future__ import annotations
@@ -61,9 +64,11 @@ class KVCache:
     def check_room(self, batch_size: int, new_tokens: int) -> None:
         """Raise a clear error before a forward pass that would not fit in this cache."""
         if batch_size != self.batch_size:
-            raise Phi3Error(f"input batch size {batch_size} does not match the cache's batch size {self.batch_size}")
-        # A static cache's length is on the device: reading it waits for the GPU, which only a
-        # checked call (a user's, not generate's decode steps) pays.
+            raise Phi3Error(
+                f"input batch size {batch_size} does not match the cache's batch size {self.batch_size}"
+            )
+        # A static cache's length is on the device: reading it waits for the GPU.
+        # Only a checked call pays that (a user's, not generate's decode steps).
         length = int(self.length) if self.static else self.length
         if length + new_tokens > self.max_len:
             raise Phi3Error(
@@ -79,10 +84,14 @@ class KVCache:
         """How many slots attention reads: the filled ones and the new (all of them, if static)."""
         return self.max_len if self.static else self.length + new_tokens
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v (B, kv_heads, T, head_dim) at `slots` (T,) and return what
-        attention reads, (B, kv_heads, key_slots(T), head_dim) each. `length` itself moves on in
-        `advance`, once every layer has written."""
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads, (B, kv_heads, key_slots(T), head_dim) each, after storing this layer's k, v.
+
+        - k, v: (B, kv_heads, T, head_dim), stored at `slots` (T,).
+        - `length` itself moves on in `advance`, once every layer has written.
+        """
         if self.static:  # slots is a device tensor: write there, read every slot
             self.keys[layer].index_copy_(2, slots, k)
             self.values[layer].index_copy_(2, slots, v)
@@ -96,9 +105,10 @@ class KVCache:
         self.length += new_tokens  # a static cache adds on the device, in place
 
     def reset(self) -> None:
-        """Forget every position (the tensors stay allocated and are overwritten next time).
+        """Forget every position; the tensors stay allocated and are overwritten next time.
 
-        A static cache keeps `real`: after LongRoPE's rebuild the prompt's padding is still padding."""
+        A static cache keeps `real`: after LongRoPE's rebuild the prompt's padding is still padding.
+        """
         if self.static:
             self.length.zero_()
         else:

@@ -7,12 +7,16 @@
     microsoft/Phi-4-mini-instruct        3.8B, LongRoPE, GQA, partial rotary 0.75, tied embeddings
     microsoft/phi-4                      14B, GQA, rope theta 250000, no sliding window
 
-data/family.json holds each model's config.json fields that this project reads (in the official
-on-disk format, see config.py) and its stop ids from generation_config.json, transcribed from the
-published files (phi-4 publishes no list: its stop id is config.json's eos; Phi-4-mini's list is
-[200020, 199999], <|end|> and <|endoftext|>). With it, a model's shape is known without a download: `phi3-scratch arch`
-prints Phi-3-mini's module tree and sizes offline, the benchmark builds random weights of a real
-shape, and the tests scale each config down into a parity checkpoint.
+data/family.json holds, for each model, transcribed from the published files:
+- the config.json fields this project reads, in the official on-disk format (see config.py).
+- its stop ids from generation_config.json.
+  phi-4 publishes no list: its stop id is config.json's eos.
+  Phi-4-mini's list is [200020, 199999], <|end|> and <|endoftext|>.
+
+With it, a model's shape is known without a download:
+- `phi3-scratch arch` prints Phi-3-mini's module tree and sizes offline.
+- the benchmark builds random weights of a real shape.
+- the tests scale each config down into a parity checkpoint.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ def repo_ids() -> list[str]:
 
 
 def find(name: str) -> str | None:
-    """The repo id that `name` means: a repo id ('microsoft/phi-4', any case) or its last part ('phi-4')."""
+    """The repo id that `name` means, or None.
+
+    `name` is a repo id ('microsoft/phi-4', any case) or its last part ('phi-4').
+    """
     for repo_id in _family():
         if name.lower() in (repo_id.lower(), repo_id.split("/")[1].lower()):
             return repo_id

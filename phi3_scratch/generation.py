@@ -7,13 +7,13 @@
 With temperature > 0 the token is sampled instead (`sample`): top-k and top-p first cut the
 candidates, and a seed makes the draw reproducible.
 
-`stream_tokens` is the loop itself, yielding each new token as soon as it is chosen (to watch
-the cache fill, break on next_logits, which it calls every step, or on Phi3ForCausalLM.forward,
-which every prefill and decode step calls: its decorator makes `stream_tokens` by name torch's
-wrapper, so a breakpoint inside it goes by file and line); `generate` collects what it yields. The input is checked once, before
-the loop; a decode step then reads one value back from the device, the stop flag. With
-compile=True the decode steps run the same forward compiled (compiled.py), where no Python
-breakpoint stops: debug with the default, eager.
+- `stream_tokens` is the loop itself: it yields each new token as soon as it is chosen.
+  `break phi3_scratch.generation.stream_tokens` stops in it; next_logits runs each decode step.
+- `generate` collects what it yields.
+- The input is checked once, before the loop.
+  A decode step then reads one value back from the device, the stop flag.
+- With compile=True the decode steps run the same forward compiled (compiled.py).
+  No Python breakpoint stops there: debug with the default, eager.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from .errors import Phi3Error, is_integer, is_number, type_name, warn
 from .model import Phi3ForCausalLM, Phi3Model
 
 
-@torch.inference_mode()
 def stream_tokens(
     model: Phi3ForCausalLM,
     input_ids: torch.Tensor,  # (B, T), left-padded when rows differ in length
@@ -56,41 +55,45 @@ def stream_tokens(
                                         temperature, top_k, top_p, seed, compile, pad_token_id)  # once, before the loop
     B, T = input_ids.shape
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
-    stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
-
-    seq = input_ids.long()  # (B, T), and attention_mask (B, T) with it: one column longer a step
-    # Columns of padding every row has: LongRoPE counts the longest row's real tokens, not the width.
-    padding = 0 if attention_mask is None else T - int(attention_mask.sum(1).max())
-    cache = decoder = None
-    positions = T + max_new_tokens - 1  # what the model reads: the last new token is returned, never fed back
-    if use_cache and compile:
-        cache = static_cache(model, B, positions)
-        decoder = CompiledDecoder(model, cache, attention_mask)  # keeps the prompt's padding in the cache
-    elif use_cache:
-        cache = model.new_cache(B, max_len=positions)
-    logits = last_logits(model, seq, cache, attention_mask)  # (B, V): prefill
-    finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,): rows that hit a stop id
+    # Every block of work runs in inference mode (no autograd records); the yields stay outside it,
+    # so the caller's code between two tokens runs as it would anyway.
+    with torch.inference_mode():
+        stops = torch.tensor(stop_ids, dtype=torch.long, device=input_ids.device)  # (n_stop,)
+        seq = input_ids.long()  # (B, T), and attention_mask (B, T) with it: one column longer a step
+        # Columns of padding every row has: LongRoPE counts the longest row's real tokens, not the width.
+        padding = 0 if attention_mask is None else T - int(attention_mask.sum(1).max())
+        cache = decoder = None
+        positions = T + max_new_tokens - 1  # what the model reads: the last new token is never fed back
+        if use_cache and compile:
+            cache = static_cache(model, B, positions)
+            decoder = CompiledDecoder(model, cache, attention_mask)  # keeps the prompt's padding in the cache
+        elif use_cache:
+            cache = model.new_cache(B, max_len=positions)
+        logits = last_logits(model, seq, cache, attention_mask)  # (B, V): prefill
+        finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,): rows that hit a stop id
     stopped = None  # (): "every row had stopped" one step ago, still on the device
     for step in range(max_new_tokens):
-        if temperature == 0:
-            token = logits.float().argmax(-1)  # (B,): greedy; the first index wins a tie
-        else:
-            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        token = token.masked_fill(finished, pad_id)  # rows that stopped only pad
+        with torch.inference_mode():
+            if temperature == 0:
+                token = logits.float().argmax(-1)  # (B,): greedy; the first index wins a tie
+            else:
+                token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad_id)  # rows that stopped only pad
         # The stop check reads a flag back from the device, which waits for the GPU to catch up.
         # Reading the previous step's flag, after this step's work is queued, waits only for
         # that earlier work and keeps the GPU busy; the price is one unused step at the end.
         if stopped is not None and bool(stopped):
             return
         yield token
-        finished |= torch.isin(token, stops)
         if step == max_new_tokens - 1:
             return
-        stopped = finished.all()
-        seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
-        if attention_mask is not None:  # (B, T + step + 1): the new token is real
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        logits = next_logits(model, seq, cache, attention_mask, decoder, padding)  # (B, V)
+        with torch.inference_mode():
+            finished |= torch.isin(token, stops)
+            stopped = finished.all()
+            seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + step + 1)
+            if attention_mask is not None:  # (B, T + step + 1): the new token is real
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            logits = next_logits(model, seq, cache, attention_mask, decoder, padding)  # (B, V)
 
 
 def as_causal_lm(model, where: str) -> Phi3ForCausalLM:

@@ -1,19 +1,21 @@
 """Rotary position embeddings (RoPE) as Phi-3 uses them: default, LongRoPE, and partial rotary.
 
-RoPE turns each pair of channels (i, i + rotary_dim/2) of q and k into a point that is rotated by
-the angle position * inv_freq[i]. A dot product q.k then depends only on how far apart the two
-positions are. The layout is "rotate-half" (first half paired with second half), not
-interleaved neighbours:
+RoPE treats each pair of channels (i, i + rotary_dim/2) of q and k as a point.
+It rotates that point by the angle position * inv_freq[i].
+A dot product q.k then depends only on how far apart the two positions are.
+The layout is "rotate-half" (first half paired with second half), not interleaved neighbours:
 
     x_rot = x * cos + rotate_half(x) * sin,   rotate_half([a, b]) = [-b, a]
 
     inv_freq[i] = 1 / (ext[i] * theta ** (2i / rotary_dim)),   i < rotary_dim / 2
 
-Default RoPE has ext = 1. LongRoPE (the 128k models) stretches the frequencies with ext =
-short_factor while the sequence fits in original_max_position_embeddings, and with ext =
-long_factor once the forward call's largest position + 1 (its sequence length) exceeds it; it also scales cos and sin
-by an attention factor, with both factor sets. Default RoPE is here LongRoPE with factors of 1 and
-an attention factor of 1, so one code path serves both.
+Default RoPE has ext = 1. LongRoPE (the 128k models) stretches the frequencies:
+- ext = short_factor while the sequence fits in original_max_position_embeddings.
+- ext = long_factor once the call's largest position + 1 (its sequence length) exceeds it.
+- with both factor sets, cos and sin are scaled by an attention factor.
+
+Default RoPE is here LongRoPE with factors of 1 and an attention factor of 1.
+So one code path serves both.
 
 Partial rotary (Phi-4-mini, factor 0.75): only the first rotary_dim channels of each head rotate;
 the rest pass through unchanged.
@@ -48,8 +50,8 @@ class Phi3RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for every position, (B, T, rotary_dim) each, in `dtype`.
 
-        LongRoPE's choice is made once per call, for every token in it, from the largest position:
-        a call whose positions all fit in the original context uses the short factors.
+        LongRoPE chooses its factors once per call, for every token in it, from the largest position.
+        A call whose positions all fit in the original context uses the short factors.
         torch.where (not a Python `if`) keeps the choice on the device: no host sync.
         """
         use_long = position_ids.max() + 1 > self.original_max_position_embeddings

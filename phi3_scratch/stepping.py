@@ -6,16 +6,20 @@
     record = stepper.choose(1234)      # ... or force any token id
     for record in stepper: ...         # or let it run greedily, a record a step
 
-Each StepRecord says where the next token goes (`position`), how many positions the KV cache
-holds (`cache_length`), the next-token logits and the top-k candidates with their
-probabilities. A forced choice is fed to the model exactly like a sampled one: the cache then
-holds its keys and values, and the next logits follow from it (the tests check both against a
-fresh forward pass of the whole sequence).
+Each StepRecord holds:
+- `position`: where the next token goes
+- `cache_length`: how many positions the KV cache holds
+- the next-token logits
+- the top-k candidates with their probabilities
 
-Every choice runs the model on the chosen token, to show the next record; so where generate
-returns max_new_tokens tokens after a prompt of T (it never feeds the last one back), a Stepper
-of the same max_new_tokens chooses as many, its cache holding T + max_new_tokens positions, or
-one fewer when that is more than the model has.
+A forced choice is fed to the model exactly like a sampled one.
+The cache then holds its keys and values, and the next logits follow from it.
+The tests check both against a fresh forward pass of the whole sequence.
+
+Every choice runs the model on the chosen token, to show the next record.
+- generate returns max_new_tokens tokens after a prompt of T; it never feeds the last one back.
+- A Stepper of the same max_new_tokens chooses as many.
+- Its cache holds T + max_new_tokens positions, or one fewer when that is more than the model has.
 """
 
 from __future__ import annotations
@@ -55,28 +59,38 @@ class StepRecord:
 
 
 class Stepper:
-    def __init__(self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_new_tokens: int = 256):
+    def __init__(
+        self, model: Phi3ForCausalLM, prompt_ids, tokenizer=None, top_k: int = 5, max_new_tokens: int = 256
+    ):
         model = as_causal_lm(model, "Stepper(model, prompt_ids)")
         if isinstance(prompt_ids, str):
-            raise Phi3Error("prompt_ids must be token ids, not text: encode it first, tokenizer.encode(text)")
+            raise Phi3Error(
+                "prompt_ids must be token ids, not text: encode it first, tokenizer.encode(text)"
+            )
         if tokenizer is not None and not hasattr(tokenizer, "id_to_piece"):
             raise Phi3Error(f"tokenizer must be a p3.Tokenizer (p3.Tokenizer.from_pretrained(...)) or None, "
                             f"got {type(tokenizer).__name__}")
         try:
-            ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device)  # checked below, then made long
+            # checked below, then made long
+            ids = torch.as_tensor(prompt_ids, device=model.lm_head.weight.device)
         except (TypeError, ValueError) as e:  # ragged lists, odd objects
             raise Phi3Error(f"prompt_ids must be a list of token ids or a tensor: {e}") from None
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1:
-            raise Phi3Error(f"prompt_ids must be one sequence (a list, a 1-D tensor or shape (1, T)), got shape {tuple(ids.shape)}")
+            raise Phi3Error(
+                "prompt_ids must be one sequence (a list, a 1-D tensor or shape (1, T)), "
+                f"got shape {tuple(ids.shape)}"
+            )
         ids = ids[None]  # (1, T)
-        check_input_ids(ids, model.config.vocab_size, "prompt_ids")  # integers in the vocabulary: 1.7 is refused, not cut to 1
+        # integers in the vocabulary: 1.7 is refused, not cut to 1
+        check_input_ids(ids, model.config.vocab_size, "prompt_ids")
         ids = ids.long()
         for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
             if not is_integer(value) or value < 1:
                 raise Phi3Error(f"{name} must be a positive integer, got {value!r}")
-        if ids.shape[1] > model.config.max_position_embeddings:  # as many as it has: the first record, no choice
+        # a prompt of exactly max_position_embeddings gets the first record and no choice
+        if ids.shape[1] > model.config.max_position_embeddings:
             raise Phi3Error(f"the prompt has {ids.shape[1]} tokens, more than the model's "
                             f"{model.config.max_position_embeddings} positions")
         self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
@@ -84,7 +98,8 @@ class Stepper:
         max_len = min(len(self.ids) + max_new_tokens, model.config.max_position_embeddings)
         self.cache = model.new_cache(1, max_len=max_len)  # sized for the prompt + max_new_tokens
         with torch.no_grad():
-            self._record = self._make_record(last_logits(model, ids, self.cache, None)[0], None)  # checked above
+            # ids were checked above
+            self._record = self._make_record(last_logits(model, ids, self.cache, None)[0], None)
 
     def record(self) -> StepRecord:
         """The current step: candidates for the next token."""
@@ -95,7 +110,8 @@ class Stepper:
         """Append `token_id` (None: the argmax), run one step, and return the next record."""
         token = self._record.argmax if token_id is None else token_id
         try:
-            token = None if isinstance(token, bool) else operator.index(token)  # ints, numpy ints, 0-d integer tensors
+            # accepts ints, numpy ints and 0-d integer tensors
+            token = None if isinstance(token, bool) else operator.index(token)
         except TypeError:
             token = None
         if token is None or not 0 <= token < self.model.config.vocab_size:
