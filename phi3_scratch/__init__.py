@@ -9,7 +9,7 @@ generation.py, loading.py. Then tokenizer.py (bpe.py for Phi-4) and cli.py (the 
 
 - family.py: the six published configs.
 - quantize.py: int8 and int4 weights.
-- notebook.py: the teaching notebook's transformers names.
+- notebook.py, pipeline.py: the teaching notebook's transformers names.
 """
 
 from .cache import KVCache
@@ -19,7 +19,8 @@ from . import loading  # noqa: F401  (p3.loading.TINY: the built-in tiny model's
 from .decode import greedy_decode
 from .generation import generate, stream_tokens
 from .model import Phi3ForCausalLM, Phi3Model
-from .notebook import AutoModelForCausalLM, AutoTokenizer, pipeline  # the teaching notebook's names
+from .notebook import AutoModelForCausalLM, AutoTokenizer  # the teaching notebook's names
+from .pipeline import pipeline
 from .stepping import Stepper, StepRecord
 from .tokenizer import Tokenizer
 from .tracing import Trace, compare_with_transformers, logit_lens, trace

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Phi3Error, is_integer, is_number
 
-QUANTIZATIONS = ("int8", "int4")  # config.json's "quantization": quantize.py implements each
+QUANTIZATIONS = ("int8", "int4")
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")  # in generation_config.json  # config.json's "quantization": quantize.py implements each
 
 ROPE_TYPES = ("default", "longrope")
 # Older 128k checkpoints say "su"; transformers' Phi3Config maps "yarn" to longrope too (in Phi-3
@@ -55,6 +56,8 @@ class Phi3Config:
     stop_token_ids: list[int] | None = None  # what generate() stops at; None: eos_token_id's
     torch_dtype: str | None = None  # the weights' dtype as config.json names it ("bfloat16"), if it does
     quantization: str | None = None  # "int8" or "int4" for a checkpoint saved quantized (quantize.py)
+    # generation_config.json's generate settings (GENERATION_KEYS): transformers' names layer starts from them.
+    generation_defaults: dict = field(default_factory=dict)
     source: str = "<in memory>"  # the file this config was read from, for error messages
 
     def __post_init__(self):
@@ -231,11 +234,13 @@ class Phi3Config:
             raise Phi3Error(f"{path} not found: a Phi-3 checkpoint folder must contain config.json")
         config = cls.from_dict(read_json(path), source=str(path))
         generation = folder / "generation_config.json"
-        stop_ids = read_json(generation, {}).get("eos_token_id")
+        settings = read_json(generation, {})
+        stop_ids = settings.get("eos_token_id")
         if stop_ids is not None and not _is_ids(stop_ids):
             raise Phi3Error(f"{generation}: eos_token_id must be a token id or a list of token ids, got {stop_ids!r:.100}")
         if _as_id_list(stop_ids):
             config.stop_token_ids = _as_id_list(stop_ids)
+        config.generation_defaults = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}
         return config
 
 

@@ -15,24 +15,28 @@ and the notebook's cells run unchanged (notebooks/phi3_notebook.ipynb is that no
     tokenizer.decode(lm_head_output[0, -1].argmax(-1))
     model.generate(input_ids=input_ids, max_new_tokens=100, use_cache=False)
 
-This layer is thin on purpose: the model is a Phi3ForCausalLM, the tokenizer a Tokenizer, and the
-few objects the notebook indexes (`model.model(ids)[0]`, `generator(p)[0]["generated_text"]`,
-`tokenizer(p).input_ids`) index as transformers' do. Every other attribute is the plain one
-underneath. An argument it does not implement is an error, not silently ignored. The plain API
-(p3.Phi3ForCausalLM, p3.generate, ...) is unchanged: there `model.model(ids)` is the hidden
-states tensor itself.
+So do the chapters after it: chat messages, sampling, apply_chat_template (pipeline.py has the pipeline).
+
+- The layer is thin: the model is a Phi3ForCausalLM, the tokenizer a Tokenizer.
+- What the notebook indexes (`model.model(ids)[0]`, `tokenizer(p).input_ids`) indexes as in transformers.
+- Every other attribute is the plain one underneath.
+- An argument it does not implement is an error, never silently ignored.
+- The plain API (p3.Phi3ForCausalLM, p3.generate, ...) is unchanged: there `model.model(ids)` is the
+  hidden states tensor itself, and generate is greedy unless given a temperature.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .errors import Phi3Error
+from .errors import Phi3Error, is_integer, is_number, warn
 from .generation import generate
 from .model import Phi3ForCausalLM
 from .tokenizer import Tokenizer
+
+# transformers' defaults for what neither the call nor the checkpoint's generation_config.json sets.
+GENERATE_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                     "num_return_sequences": 1}
 
 
 class ModelOutput(tuple):
@@ -45,9 +49,17 @@ class ModelOutput(tuple):
 
 
 class Encoding(dict):
-    """tokenizer(text)'s result: enc["input_ids"] and enc.input_ids alike."""
+    """A tokenizer's result, like transformers' BatchEncoding: enc["input_ids"] and enc.input_ids alike."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device) -> Encoding:
+        """The same encoding with its tensors on `device`."""
+        return Encoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
 
 
 def refuse(where: str, unsupported: dict) -> None:
@@ -61,12 +73,44 @@ class NotebookTokenizer(Tokenizer):
 
     def __call__(self, text: str, return_tensors: str | None = None, **kwargs) -> Encoding:
         refuse("tokenizer(...)", kwargs)
+        return self._encoding([self.encode(text)], return_tensors, batched=False, where="tokenizer(...)")
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tokenize: bool = True,
+                            return_tensors: str | None = None, return_dict: bool = True, **kwargs):
+        """transformers' apply_chat_template, with its defaults: an Encoding of input_ids and attention_mask.
+
+        - tokenize=False: the prompt text (a list of texts for a list of conversations).
+        - return_dict=False: the ids alone. return_tensors="pt": tensors, (1, T) for one conversation.
+        - continue_final_message=True: the text stops inside the last message, for the model to go on.
+        """
+        refuse("apply_chat_template(...)", kwargs)
+        if add_generation_prompt and continue_final_message:
+            raise Phi3Error("apply_chat_template: add_generation_prompt=True and continue_final_message=True "
+                            "contradict each other: one starts a new assistant message, the other continues the "
+                            "last one; pass one of them")
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
+            isinstance(conversation[0], (list, tuple))
+        texts = [Tokenizer.apply_chat_template(self, c, add_generation_prompt, continue_final_message)
+                 for c in (conversation if batched else [conversation])]
+        if not tokenize:
+            return texts if batched else texts[0]
+        rows = [self.encode(text, add_special_tokens=False) for text in texts]  # the template writes them
+        encoding = self._encoding(rows, return_tensors, batched, where="apply_chat_template(...)")
+        return encoding if return_dict else encoding["input_ids"]
+
+    def _encoding(self, rows: list[list[int]], return_tensors, batched: bool, where: str) -> Encoding:
         if return_tensors not in (None, "pt"):
-            raise Phi3Error(f"tokenizer(...): return_tensors={return_tensors!r}; expected 'pt' or None")
-        ids = self.encode(text)
+            raise Phi3Error(f"{where}: return_tensors={return_tensors!r}; expected 'pt' or None")
+        masks = [[1] * len(row) for row in rows]
         if return_tensors == "pt":
-            return Encoding(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        return Encoding(input_ids=ids, attention_mask=[1] * len(ids))
+            if len({len(row) for row in rows}) > 1:
+                raise Phi3Error(f"{where}: the conversations are {[len(r) for r in rows]} tokens long; "
+                                "return_tensors='pt' needs one length (give them one at a time)")
+            return Encoding(input_ids=torch.tensor(rows), attention_mask=torch.tensor(masks))
+        if batched:
+            return Encoding(input_ids=rows, attention_mask=masks)
+        return Encoding(input_ids=rows[0], attention_mask=masks[0])
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Also one id: an int, or a 0-d tensor such as logits.argmax(-1)."""
@@ -108,27 +152,84 @@ class Body(Wrapper):
 
 
 class NotebookModel(Wrapper):
-    """A Phi3ForCausalLM with transformers' calling conventions where the notebook uses them;
-    lm_head, config, parameters(), ... are the plain model's."""
+    """A Phi3ForCausalLM with transformers' calling conventions; lm_head, config, parameters(), ... are the plain model's."""
 
     def __init__(self, model: Phi3ForCausalLM):
         super().__init__(model)
         self.causal_lm = model  # the plain model: everything below runs it
         self.model = Body(model.model)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are, as transformers' model.device: `inputs.to(model.device)`."""
+        return self.causal_lm.lm_head.weight.device
+
     def __call__(self, input_ids, attention_mask=None, **kwargs) -> ModelOutput:
         refuse("model(...)", kwargs)
         with torch.no_grad():
             return ModelOutput(logits=self.causal_lm(input_ids, attention_mask=attention_mask))
 
-    def generate(self, input_ids=None, max_new_tokens: int = 20, use_cache: bool = True, do_sample: bool = False,
-                 attention_mask=None, eos_token_id=None, pad_token_id=None, **kwargs) -> torch.Tensor:
-        """The prompt and the new tokens, (B, T + new), as transformers' generate returns them."""
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, num_return_sequences: int | None = None, use_cache: bool = True,
+                 eos_token_id=None, pad_token_id=None, **kwargs) -> torch.Tensor:
+        """The prompt and the new tokens, (B * num_return_sequences, T + new), as transformers' generate.
+
+        - An argument left None comes from the checkpoint's generation_config.json, else transformers' default
+          (GENERATE_DEFAULTS): greedy, 20 new tokens; do_sample=True samples with top_k=50, temperature=1.0.
+        - Sampling draws from torch's global generator: torch.manual_seed(n) first repeats a run.
+        """
         refuse("model.generate", kwargs)
-        if input_ids is None:
-            raise Phi3Error("model.generate: input_ids is required")
-        return generate(self.causal_lm, input_ids, max_new_tokens, use_cache=use_cache, eos_token_id=eos_token_id,
-                        attention_mask=attention_mask, temperature=1.0 if do_sample else 0.0, pad_token_id=pad_token_id)
+        if not isinstance(input_ids, torch.Tensor):
+            raise Phi3Error(f"model.generate: input_ids must be a tensor of token ids (B, T), got {input_ids!r:.60}"
+                            " (tokenizer(text, return_tensors='pt') makes one)")
+        given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                 "top_k": top_k, "top_p": top_p, "num_return_sequences": num_return_sequences}
+        s = generation_settings(self.causal_lm.config.generation_defaults,
+                                {k: v for k, v in given.items() if v is not None})
+        n = s["num_return_sequences"]
+        if n > 1:  # each prompt row n times in a row, as transformers orders them
+            input_ids = input_ids.repeat_interleave(n, dim=0)
+            attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, dim=0)
+        sampling = s["do_sample"]
+        return generate(self.causal_lm, input_ids, s["max_new_tokens"], use_cache=use_cache,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        temperature=s["temperature"] if sampling else 0.0,
+                        top_k=(s["top_k"] or None) if sampling else None,  # 0: no top-k cut
+                        top_p=s["top_p"] if sampling and s["top_p"] < 1 else None, pad_token_id=pad_token_id)
+
+
+def generation_settings(checkpoint: dict, given: dict) -> dict:
+    """The settings one generate call runs with: `given`, else the checkpoint's, else GENERATE_DEFAULTS.
+
+    - do_sample=False is greedy; a temperature, top_k or top_p given with it is ignored, with a warning.
+    - Each value is checked, with the argument's name.
+    """
+    s = {**GENERATE_DEFAULTS, **checkpoint, **given}
+    checks = {
+        "max_new_tokens": (lambda v: is_integer(v) and v >= 1, "a positive integer"),
+        "do_sample": (lambda v: isinstance(v, bool), "True or False"),
+        "temperature": (lambda v: is_number(v) and 0 < v < float("inf"), "a finite number > 0"),
+        "top_k": (lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0: no top-k cut)"),
+        "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "num_return_sequences": (lambda v: is_integer(v) and v >= 1, "a positive integer"),
+    }
+    for name, (ok, expected) in checks.items():
+        if not ok(s[name]):
+            where = "" if name in given else " (from the checkpoint's generation_config.json)"
+            raise Phi3Error(f"{name}={s[name]!r}{where}: expected {expected}")
+    if not s["do_sample"]:
+        unused = [f"{k}={given[k]!r}" for k, neutral in (("temperature", 1.0), ("top_k", 50), ("top_p", 1.0))
+                  if k in given and given[k] != neutral]
+        if unused:
+            warn(f"{', '.join(unused)}: do_sample is False, so generation is greedy and only sampling reads "
+                 f"{'it' if len(unused) == 1 else 'them'}; pass do_sample=True to sample (transformers ignores "
+                 f"{'it' if len(unused) == 1 else 'them'} too)")
+        if s["num_return_sequences"] > 1:
+            raise Phi3Error(f"num_return_sequences={s['num_return_sequences']}: greedy decoding (do_sample=False) "
+                            "gives one sequence per prompt; pass do_sample=True for several (transformers refuses "
+                            "it too)")
+    return s
 
 
 class AutoModelForCausalLM:
@@ -152,40 +253,3 @@ def no_remote_code(trust_remote_code: bool) -> None:
     if trust_remote_code:
         raise Phi3Error("trust_remote_code=True: phi3_scratch never runs code from a checkpoint (it is Phi-3's "
                         "code, written here); pass trust_remote_code=False")
-
-
-class TextGenerationPipeline:
-    """pipeline("text-generation", ...): generator(prompt) -> [{"generated_text": ...}]."""
-
-    def __init__(self, model: NotebookModel, tokenizer: NotebookTokenizer, return_full_text: bool,
-                 max_new_tokens: int, do_sample: bool):
-        self.model, self.tokenizer = model, tokenizer
-        self.return_full_text, self.max_new_tokens, self.do_sample = return_full_text, max_new_tokens, do_sample
-
-    def __call__(self, text: str, **kwargs) -> list[dict]:
-        refuse("generator(...)", kwargs)
-        if not isinstance(text, str):
-            raise Phi3Error(f"generator(text): expected a prompt string, got {type(text).__name__}")
-        model = self.model.causal_lm if isinstance(self.model, NotebookModel) else self.model
-        ids = torch.tensor([self.tokenizer.encode(text)], device=model.lm_head.weight.device)  # no chat template
-        out = generate(model, ids, self.max_new_tokens, temperature=1.0 if self.do_sample else 0.0)
-        new = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)  # the new tokens only
-        return [{"generated_text": text + new if self.return_full_text else new}]
-
-
-def pipeline(task: str, model=None, tokenizer=None, return_full_text: bool = True, max_new_tokens: int = 256,
-             do_sample: bool = False, **kwargs) -> TextGenerationPipeline:
-    refuse("pipeline", kwargs)
-    if task != "text-generation":
-        raise Phi3Error(f"pipeline({task!r}): phi3_scratch has the 'text-generation' pipeline only")
-    if model is None:
-        raise Phi3Error("pipeline('text-generation', ...): give model= (and tokenizer=)")
-    if isinstance(model, (str, os.PathLike)):  # a folder or repo id, as transformers' pipeline takes: load both
-        tokenizer = AutoTokenizer.from_pretrained(model) if tokenizer is None else tokenizer
-        model = AutoModelForCausalLM.from_pretrained(model)
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    if not isinstance(model, (NotebookModel, Phi3ForCausalLM)) or not isinstance(tokenizer, Tokenizer):
-        raise Phi3Error(f"pipeline('text-generation', ...): model= and tokenizer= must be a model and a tokenizer "
-                        f"(or a folder or repo id), got {type(model).__name__} and {type(tokenizer).__name__}")
-    return TextGenerationPipeline(model, tokenizer, return_full_text, max_new_tokens, do_sample)

@@ -57,7 +57,7 @@ def save_model(model, folder: str | Path) -> None:
     settings = config.to_dict()
     settings["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")  # as saved
     generation = {"eos_token_id": config.stop_token_ids, "bos_token_id": config.bos_token_id,
-                  "pad_token_id": config.pad_token_id}
+                  "pad_token_id": config.pad_token_id, **config.generation_defaults}
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the embedding, stored once

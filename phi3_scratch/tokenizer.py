@@ -56,6 +56,7 @@ CHAT_TEMPLATE_PHI3 = (
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
     "\u2028\u2029\u202f\u205f\u3000"
 LEADING_WHITESPACE = re.compile(f"[{re.escape(WHITESPACE)}]*")
+CONTINUE_MARK = "PHI3_SCRATCH_CONTINUE_HERE "  # apply_chat_template cuts the text here to continue a message
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,13 @@ class Tokenizer:
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder | ByteStreamDecoder:
         return (StreamDecoder if self._bpe is None else ByteStreamDecoder)(self, skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]); encode() it next."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
+        """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]); encode() it next.
+
+        continue_final_message=True: the text ends inside the last message, with no generation prompt,
+        for the model to continue that message (as transformers cuts it: at a marker put after it).
+        """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise Phi3Error(f"apply_chat_template(messages): expected a non-empty list of messages, "
                             f"got {messages!r:.100}")
@@ -225,6 +231,9 @@ class Tokenizer:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise Phi3Error(f"apply_chat_template(messages): message {n} is {m!r:.100}; "
                                 "expected a dict with a 'role' string and a 'content' string")
+        if continue_final_message:
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + CONTINUE_MARK}]
+            add_generation_prompt = False
         try:
             text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self._names)
@@ -239,6 +248,9 @@ class Tokenizer:
                 raise Phi3Error(f"apply_chat_template(messages): this checkpoint's chat template left out message {n} "
                                 f"(role {m['role']!r}): it writes only the roles it has a branch for; use one of "
                                 f"those (a system text can go into the first user message)")
+        if continue_final_message:  # cut at the mark; a template that trims the message trims its spaces too
+            at = text.rindex(CONTINUE_MARK.strip())
+            text = text[:at] if text.startswith(CONTINUE_MARK, at) else text[:at].rstrip()
         return text
 
     @property
