@@ -39,6 +39,7 @@ from .tokenizer import Tokenizer
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 TOUR_PROMPT = "What does the KV cache do?"  # a question of the tiny model's corpus (scripts/tiny_corpus.txt)
 BAR = "{desc} [{bar:30}] {n_fmt}/{total_fmt}{unit}"  # tqdm's bar, as the load shows it
+TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json")  # Phi-3's sentencepiece model, Phi-4's BPE
 COMPARE_PROMPT = "The KV cache keeps the keys and values of earlier tokens."
 
 
@@ -119,13 +120,11 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     config = check_max_new_tokens(args)  # reads the config: a folder that is no checkpoint says so here
     # The tokenizer first (for a repo id, its files only): one that cannot be read fails in seconds,
     # before gigabytes of weights download.
-    try:
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    except Phi3Error as e:
-        if args.tokenizer or not local.is_dir():
-            raise
-        raise Phi3Error(f"{e}. A checkpoint saved without its tokenizer (model.save_pretrained writes none) "
-                        f"can take one from elsewhere: --tokenizer DIR (or a repo id, or 'tiny')") from None
+    if not args.tokenizer and local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_MODELS):
+        raise Phi3Error(f"{local / 'tokenizer.model'} not found, and no tokenizer.json: {args.model} holds no "
+                        "tokenizer (model.save_pretrained writes none); give one with --tokenizer DIR (or a repo "
+                        "id, or 'tiny')")
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     if tokenizer.vocab_size > config.vocab_size:  # its ids would run past the embedding
         which = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer of {args.model}"
         raise Phi3Error(f"{which} has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
@@ -680,10 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         if "temperature" in args:
             given = args.temperature  # None: not given
             args.temperature = 0.0 if given is None else given
-            try:
-                check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
-            except Phi3Error as e:  # "top_p must be ..." -> "--top-p must be ..."
-                raise Phi3Error("--" + str(e).replace("_", "-", 1).replace(" or None", "")) from None
+            check_sampling(args.temperature, args.top_k, args.top_p, args.seed, flags=True)
             sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
                         if value is not None]
             if sampling and given is None:

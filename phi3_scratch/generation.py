@@ -192,15 +192,20 @@ def stop_id_list(eos_token_id) -> list[int]:
     raise Phi3Error(f"eos_token_id must be None, a token id or a list of token ids, got {eos_token_id!r:.80}")
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None,
+                   flags: bool = False) -> None:
+    """Refuse a sampling setting out of range. flags=True: the CLI's names (--top-p), where None is no value."""
+    name = (lambda arg: "--" + arg.replace("_", "-")) if flags else (lambda arg: arg)
+    optional = "" if flags else " or None"
     if not is_number(temperature) or not 0 <= temperature < float("inf"):  # "not" also refuses NaN
-        raise Phi3Error(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+        raise Phi3Error(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not is_integer(top_k) or top_k < 1):
-        raise Phi3Error(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise Phi3Error(f"{name('top_k')} must be a positive integer{optional}, got {top_k!r}")
     if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
-        raise Phi3Error(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise Phi3Error(f"{name('top_p')} must be in (0, 1]{optional}, got {top_p!r}")
     if seed is not None and (not is_integer(seed) or not -(2**63) <= seed < 2**64):
-        raise Phi3Error(f"seed must be an integer in -2**63..2**64 - 1 (torch's generator seeds) or None, got {seed!r}")
+        raise Phi3Error(f"{name('seed')} must be an integer in -2**63..2**64 - 1 (torch's generator seeds)"
+                        f"{optional}, got {seed!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
