@@ -12,6 +12,7 @@ import torch
 
 import phi3_scratch as p3
 import phi3_scratch.cli as cli
+from phi3_scratch.cli import anatomy, common, inside, text, timing
 from phi3_scratch.cli import main
 from phi3_scratch.loading import TINY
 from phi3_scratch.tokenizer import Tokenizer
@@ -31,18 +32,23 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def patch_cli(monkeypatch, name: str, value) -> None:
+    """Set `name` to `value` in every module of phi3_scratch.cli that has it: each imports what it uses."""
+    for module in (cli, anatomy, common, inside, text, timing):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, value)
+
+
 def recording(monkeypatch):
     """Wrap the CLI's stream_tokens so a test sees the ids it produced."""
-    import phi3_scratch.cli as cli
-
-    seen, real = [], cli.stream_tokens
+    seen, real = [], common.stream_tokens
 
     def wrapped(*args, **kwargs):
         for token in real(*args, **kwargs):
             seen.append(int(token[0]))
             yield token
 
-    monkeypatch.setattr(cli, "stream_tokens", wrapped)
+    monkeypatch.setattr(common, "stream_tokens", wrapped)
     return seen
 
 
@@ -207,7 +213,7 @@ def test_tour_on_the_built_in_tiny_model_trains_nothing(tmp_path):
         assert f"== {heading}" in done.stdout
     assert "train" not in done.stderr and not any(tmp_path.iterdir())  # nothing trained, nothing downloaded
     model, tok = p3.Phi3ForCausalLM.from_pretrained("tiny"), Tokenizer.from_pretrained("tiny")
-    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": cli.TOUR_PROMPT}]))])
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": timing.TOUR_PROMPT}]))])
     new = p3.generate(model, ids, 200, eos_token_id=sorted(set(model.config.stop_token_ids) | set(tok.stop_ids)))
     answer = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
     assert f"only the new text ==\n{answer}\n" in done.stdout
@@ -251,7 +257,7 @@ def test_chat_survives_a_too_long_message_and_ctrl_c(tiny, capsys, monkeypatch):
 
     lines = iter(["word " * 300, "What does generate do?", "What does sample do?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    real, calls = cli.stream_tokens, []
+    real, calls = common.stream_tokens, []
 
     def interrupt_first_reply(*args, **kwargs):
         calls.append(1)
@@ -260,7 +266,7 @@ def test_chat_survives_a_too_long_message_and_ctrl_c(tiny, capsys, monkeypatch):
                 raise KeyboardInterrupt
             yield token
 
-    monkeypatch.setattr(cli, "stream_tokens", interrupt_first_reply)
+    monkeypatch.setattr(common, "stream_tokens", interrupt_first_reply)
     code, out, err = run(capsys, "chat", "--model", tiny, "--max-new-tokens", 15)
     assert code == 0
     assert "error: that message is" in err and "Try a shorter one" in err
@@ -270,7 +276,7 @@ def test_chat_survives_a_too_long_message_and_ctrl_c(tiny, capsys, monkeypatch):
 def test_ctrl_c_stops_cleanly_and_keeps_the_text(tiny, capsys, monkeypatch):
     import phi3_scratch.cli as cli
 
-    real = cli.stream_tokens
+    real = common.stream_tokens
 
     def interrupted(*args, **kwargs):
         for n, token in enumerate(real(*args, **kwargs)):
@@ -278,7 +284,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_text(tiny, capsys, monkeypatch):
                 raise KeyboardInterrupt
             yield token
 
-    monkeypatch.setattr(cli, "stream_tokens", interrupted)
+    monkeypatch.setattr(common, "stream_tokens", interrupted)
     code, out, err = run(capsys, "generate", "The KV cache", "--model", tiny, "--max-new-tokens", 30)
     model, tok = p3.Phi3ForCausalLM.from_pretrained(tiny), Tokenizer.from_pretrained(tiny)
     ids = torch.tensor([tok.encode("The KV cache")])
@@ -384,8 +390,8 @@ def test_prompt_as_argument_option_or_stdin(tiny, capsys, monkeypatch):
 @pytest.mark.parametrize("flag", ["-n", "--max-tokens", "--max-new-tokens"])
 def test_max_tokens_aliases(tiny, capsys, monkeypatch, flag):
     asked = []
-    real = cli.stream_tokens
-    monkeypatch.setattr(cli, "stream_tokens", lambda model, ids, n, *a, **k: asked.append(n) or real(model, ids, n, *a, **k))
+    real = common.stream_tokens
+    monkeypatch.setattr(common, "stream_tokens", lambda model, ids, n, *a, **k: asked.append(n) or real(model, ids, n, *a, **k))
     assert run(capsys, "generate", "The", "--model", tiny, flag, 7)[0] == 0
     assert asked == [7]  # the decode loop was asked for 7 new tokens (it may stop sooner)
 
@@ -447,18 +453,18 @@ def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(family.official_config("microsoft/Phi-3-mini-4k-instruct")))
     args = cli.build_parser().parse_args(["arch", "--model", str(tmp_path), "--device", "cpu"])
     config = p3.Phi3Config.from_pretrained(tmp_path)  # as load() read it
-    cli.say_memory(args, config)
+    common.say_memory(args, config)
     assert "the weights take 15.3 GB of memory in float32 on the CPU; --dtype bf16 halves it, " \
         "--quantize int8 takes about a quarter of fp32, int4 a sixth (fastest with --compile)" in capsys.readouterr().err
     args.dtype = "bf16"
-    cli.say_memory(args, config)
+    common.say_memory(args, config)
     assert "7.6 GB of memory in bfloat16 on the CPU; --quantize int8" in capsys.readouterr().err
     args.quantize = "int8"
-    cli.say_memory(args, config)
+    common.say_memory(args, config)
     err = capsys.readouterr().err
     assert "3.9 GB of memory in bfloat16" in err and "--quantize" not in err
     args.quantize = "int4"
-    cli.say_memory(args, config)
+    common.say_memory(args, config)
     err = capsys.readouterr().err
     assert "2.2 GB of memory in bfloat16" in err and "--quantize" not in err
     assert config.quantization is None  # read, not changed: load() goes on with it
@@ -466,7 +472,7 @@ def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU: mps is no mistake")
 def test_device_mps_is_refused_before_loading(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load", lambda args: pytest.fail("the device must be checked before loading"))
+    patch_cli(monkeypatch, "load", lambda args: pytest.fail("the device must be checked before loading"))
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "mps")
     assert code == 2 and err.strip() == (f"error: --device mps: this machine has no Apple GPU that torch can use "
                                          f"(torch {torch.__version__}); use --device cpu")
@@ -478,7 +484,7 @@ def test_tour_on_a_real_checkpoint_follows_the_notebook(tiny, capsys, monkeypatc
     monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: seen.append(text) or real_encode(self, text, **kw))
     code, out, _ = run(capsys, "tour", "--model", tiny, "-n", 5, "--runs", 1)  # a folder: not `--model tiny`
     assert code == 0 and "as it is (no chat template), greedy, 5 new tokens" in out
-    for prompt in cli.NOTEBOOK_PROMPTS.values():
+    for prompt in timing.NOTEBOOK_PROMPTS.values():
         assert prompt in seen  # raw: no <|user|> around it
     assert "100 new tokens after" in out  # the notebook's timing: 100 new tokens
 
@@ -492,7 +498,7 @@ def test_chat_leaves_on_quit_and_exit(tiny, capsys, monkeypatch, leave):
 
 
 def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load", lambda args: pytest.fail("a bad flag must be refused before loading"))
+    patch_cli(monkeypatch, "load", lambda args: pytest.fail("a bad flag must be refused before loading"))
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--dtype", "int3")
     assert code == 2 and err.startswith("error: --dtype int3: not a dtype this model runs in; expected bf16, fp16 or fp32")
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "tpu")
@@ -514,7 +520,7 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     assert code == 2 and err == "error: --prefill times a forward pass against transformers': it goes with --vs-transformers\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--out", "att.jpg")
     assert code == 2 and "out must be a file name ending in .png (attention.png, say), got 'att.jpg'" in err
-    monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))
+    patch_cli(monkeypatch, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))
     code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers", "--quantize", "int8", "--compile")
     assert code == 2 and err.startswith("error: bench --vs-transformers times every variant itself") and \
         err.endswith("drop --quantize, --compile\n")
@@ -525,8 +531,8 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
 
 @pytest.mark.parametrize("command", ["generate", "chat", "step", "tour", "bench", "bench --vs-transformers"])
 def test_more_new_tokens_than_positions_is_refused_before_the_weights_load(capsys, monkeypatch, command):
-    monkeypatch.setattr(cli, "model_folder", lambda args: pytest.fail("refused before the weights load"))
-    monkeypatch.setattr(cli.Tokenizer, "from_pretrained", lambda *a: pytest.fail("refused before the tokenizer loads"))
+    patch_cli(monkeypatch, "model_folder", lambda args: pytest.fail("refused before the weights load"))
+    monkeypatch.setattr(Tokenizer, "from_pretrained", lambda *a: pytest.fail("refused before the tokenizer loads"))
     command, *flags = command.split()
     prompt = [] if command in ("chat", "tour") else ["hi"]
     code, _, err = run(capsys, command, *prompt, "--model", "tiny", "-n", 513, *flags)  # the tiny model has 512 positions
@@ -543,8 +549,8 @@ def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch)
         raise p3.Phi3Error(f"{path_or_repo_id}: no readable tokenizer")
 
     monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(refuse))
-    monkeypatch.setattr(cli, "model_config", lambda args: fetched.append(("config", args.model)) or p3.Phi3Config.from_pretrained(TINY))
-    monkeypatch.setattr(cli, "model_folder", lambda args: fetched.append(("weights", args.model)))
+    patch_cli(monkeypatch, "model_config", lambda args: fetched.append(("config", args.model)) or p3.Phi3Config.from_pretrained(TINY))
+    patch_cli(monkeypatch, "model_folder", lambda args: fetched.append(("weights", args.model)))
     code, _, err = run(capsys, "generate", "hi", "--model", "someone/some-model")
     assert code == 2 and "no readable tokenizer" in err
     assert fetched == [("config", "someone/some-model"), ("tokenizer", "someone/some-model")]  # no weights
@@ -612,8 +618,8 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
 
 def test_the_tour_times_the_cache_after_a_warm_up_over_five_runs(capsys, monkeypatch):
     calls = []
-    real = cli.generate
-    monkeypatch.setattr(cli, "generate", lambda model, ids, n, **kw: calls.append((n, kw)) or real(model, ids, n, **kw))
+    real = timing.generate
+    monkeypatch.setattr(timing, "generate", lambda model, ids, n, **kw: calls.append((n, kw)) or real(model, ids, n, **kw))
     code, out, _ = run(capsys, "tour", "--model", "tiny")
     assert code == 0 and "50 new tokens after a 10-token prompt, 5 runs each" in out
     warm_ups = calls[:2]  # one short untimed run of each way, then 5 timed runs of each

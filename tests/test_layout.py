@@ -8,16 +8,30 @@ from phi3_scratch import checks, model
 
 PACKAGE = Path(phi3_scratch.__file__).parent
 MODEL_FILES = ("config", "model", "rotary", "cache")
-NOT_THE_MODEL = {"quantize", "compiled", "benchmark", "tracing", "stepping", "plotting", "notebook", "cli"}
+NOT_THE_MODEL = {"quantize", "compiled", "benchmark", "tracing", "stepping", "plotting", "notebook", "pipeline",
+                 "cli"}
+
+
+def module_name(path: Path) -> str:
+    """'model' for phi3_scratch/model.py, 'cli.common' for phi3_scratch/cli/common.py, 'cli' for its __init__."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imports(module: str) -> set[str]:
     """The package's modules that `module` imports, at the top or inside a function."""
+    path = PACKAGE / (module.replace(".", "/") + ".py")
+    if not path.is_file():
+        path = PACKAGE / module.replace(".", "/") / "__init__.py"
+    here = module_name(path).split(".")[:-1] if path.name != "__init__.py" else module_name(path).split(".")
     found = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-    return found - {module}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[:len(here) - node.level + 1]
+            names = [node.module] if node.module else [a.name for a in node.names]
+            found |= {".".join([*base, name]) for name in names}
+    return {name if (PACKAGE / name.replace(".", "/")).is_dir() or (PACKAGE / (name.replace(".", "/") + ".py")).is_file()
+            else name.rpartition(".")[0] for name in found} - {module}
 
 
 def test_model_py_raises_nothing():
@@ -31,7 +45,8 @@ def test_the_model_files_import_no_speed_code_tools_or_cli():
 
 
 def test_no_two_modules_import_each_other_directly_or_through_a_chain():
-    graph = {path.stem: imports(path.stem) for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    graph = {module_name(path): imports(module_name(path)) for path in PACKAGE.rglob("*.py")
+             if module_name(path)}
 
     def reaches(start: str, goal: str, seen: set) -> bool:
         return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))

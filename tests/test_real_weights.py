@@ -48,7 +48,7 @@ def test_real_phi3_mini_logits_match_transformers_and_the_notebook():
     torch.testing.assert_close(logits[0, :6], row0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[1, :4], row1, rtol=1e-4, atol=1e-4)
     # The teaching notebook's cell 4: body, then head, on its prompt; it shows 'Harvard'.
-    from phi3_scratch.cli import NOTEBOOK_PROMPTS
+    from phi3_scratch.cli.timing import NOTEBOOK_PROMPTS
 
     tokenizer = p3.AutoTokenizer.from_pretrained(FOLDER)
     input_ids = tokenizer(NOTEBOOK_PROMPTS["next_token"], return_tensors="pt").input_ids.to(device)
