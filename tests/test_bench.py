@@ -98,7 +98,7 @@ def test_bandwidth_columns_and_profile_on_the_cpu(monkeypatch, capsys, tmp_path)
 
 def test_kernel_timeline_finds_the_gaps_between_kernels():
     """The GPU timeline of the profile, from made-up kernel times (us): overlaps count once."""
-    from phi3_scratch.benchmark import kernel_timeline
+    from phi3_scratch.profiling import kernel_timeline
 
     kernels = [(50, 60, "down_proj"), (0, 10, "qkv"), (12, 20, "attention"), (15, 18, "softmax")]
     lines = kernel_timeline(kernels, steps=2)
