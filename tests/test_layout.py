@@ -1,6 +1,7 @@
 """The source's shape: the model files hold the model, and imports run one way."""
 
 import ast
+import re
 from pathlib import Path
 
 import phi3_scratch
@@ -56,3 +57,20 @@ def test_no_two_modules_import_each_other_directly_or_through_a_chain():
 
 def test_the_attention_kernels_checks_knows_are_the_ones_the_model_has():
     assert tuple(model.ATTENTION) == checks.ATTENTION_KERNELS
+
+
+def test_the_package_docstring_maps_every_module_once():
+    """The reading order and the file map are written once, in phi3_scratch/__init__.py."""
+    doc = phi3_scratch.__doc__
+    file_map = doc[doc.index("The file map"):]
+    named = re.findall(r"\b([a-z_]+)\.py\b", file_map)
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert sorted(named) == modules, "every module of the package once in the file map"
+    assert "cli/" in file_map and (PACKAGE / "cli" / "__init__.py").is_file()
+    order = re.findall(r"^\d\. ([a-z_]+)\.py", doc, re.M)
+    assert order[:2] == ["config", "model"] and all((PACKAGE / f"{m}.py").is_file() for m in order)
+
+
+def test_no_module_is_over_400_lines():
+    lengths = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > 400} == {}
