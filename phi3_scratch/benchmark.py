@@ -169,10 +169,12 @@ def variant(ours, name: str, built: dict | None = None):
 
 
 def transformers_compile(device):
-    """transformers' own compiled generation, as its docs describe: with cache_implementation="static",
-    generate compiles the decode step (mode "reduce-overhead": CUDA graphs on a GPU) and runs the
-    prefill eagerly, which its static cache needs for CUDA graphs (a compiled prefill would allocate
-    the cache inside the graph)."""
+    """transformers' own compiled generation, as its docs describe it.
+
+    - With cache_implementation="static", generate compiles the decode step.
+      Its mode is "reduce-overhead": CUDA graphs on a GPU.
+    - It runs the prefill eagerly: a compiled prefill would allocate the static cache inside the graph.
+    """
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=True)

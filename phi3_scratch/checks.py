@@ -22,9 +22,9 @@ ATTENTION_KERNELS = ("eager", "sdpa")  # the names of model.py's attention funct
 def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention_mask, weight: torch.Tensor) -> None:
     """Refuse input the model cannot run, with the reason: once per public call, never per decode step.
 
-    Checking the id range and the mask's values reads a few numbers back from the device: on a GPU
-    each is a wait for the GPU, the price of a clear error instead of an index error deep inside
-    the embedding. generate pays it once, before its loop, and then calls forward with check=False.
+    - Checking the id range and the mask's values reads a few numbers back from the device.
+      On a GPU each is a wait: the price of a clear error instead of an index error in the embedding.
+    - generate pays it once, before its loop, and then calls forward with check=False.
     """
     B, T = check_input_ids(input_ids, config.vocab_size)
     check_on_device(weight.device, input_ids=input_ids, attention_mask=attention_mask)

@@ -4,13 +4,15 @@ Why: at batch 1, an eager decode step of Phi-3-mini launches about 1,400 small G
 Python, one per operation. Launching them takes longer than the GPU needs to read the 7.6 GB of
 weights (about 2 ms on an H200), so eager decoding is bound by launch overhead, not by memory.
 
-How: torch.compile traces one decode step, `model(token, cache, logits_to_keep=1)`, through the
-very code eager generation runs (Phi3ForCausalLM.forward), fuses the small elementwise operations
-into few kernels and, on a GPU, records the whole step as one CUDA graph that is replayed for
-every token. A graph replays fixed shapes at fixed addresses, so the step runs with a static
-KVCache (cache.py): its length lives on the device, k and v are written at the slots it names,
-and attention reads every slot, the mask hiding those not written yet. The prompt (prefill) and
-LongRoPE's cache rebuild run the same forward eagerly, into the same cache.
+How:
+- torch.compile traces one decode step, `model(token, cache, logits_to_keep=1)`.
+  That is the very code eager generation runs (Phi3ForCausalLM.forward).
+- It fuses the small elementwise operations into few kernels.
+- On a GPU, it records the whole step as one CUDA graph, replayed for every token.
+- A graph replays fixed shapes at fixed addresses, so the step runs with a static KVCache (cache.py).
+  Its length lives on the device, and k and v are written at the slots it names.
+  Attention reads every slot; the mask hides those not written yet.
+- The prompt (prefill) and LongRoPE's cache rebuild run the same forward eagerly, into the same cache.
 
 Each cache length is one more compilation (about a minute for Phi-3-mini on a GPU), so lengths
 come in few sizes: CACHE_BLOCK (256) positions, doubled until the sequence fits. The cache is kept

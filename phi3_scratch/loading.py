@@ -8,11 +8,13 @@ The steps, and why:
 2. Read config.json (both on-disk formats, see config.py).
 3. Build the model on the "meta" device: every parameter has a shape and a dtype but no storage,
    so building a 14B model costs no memory at all.
-4. Open each safetensors file memory-mapped, and for each tensor: check its name and shape
-   against the model, move it to the target device and dtype, check that it holds no NaN or
-   infinity (its smallest and largest values tell), and put it in place. The only
-   copy that ever exists is the final one (on the CPU with an unchanged dtype, the parameter even
-   stays a view of the mapped file).
+4. Open each safetensors file memory-mapped. For each tensor:
+   - check its name and shape against the model;
+   - move it to the target device and dtype;
+   - check that it holds no NaN or infinity (its smallest and largest values tell);
+   - put it in place.
+   The only copy that ever exists is the final one.
+   On the CPU with an unchanged dtype, the parameter even stays a view of the mapped file.
 
 Only safetensors are read. They hold raw numbers and a JSON header: loading one cannot run code,
 unlike the pickle files (`pytorch_model.bin`) that older checkpoints ship, which are refused.

@@ -15,14 +15,15 @@ How to read one heatmap:
   (dark). Row 0 can only look at itself and is always one bright cell. With a KV cache the rows
   are the new tokens only and the columns are every cached token plus the new ones (S > T), so
   the triangle is shifted right by the cache length.
-- The sliding window band (Phi-3-mini-4k, window W): query q sees only keys q-W+1..q, so once the
-  sequence is longer than W the bright area is a band of width W along the diagonal, with zeros
-  to its lower left as well.
+- The sliding window band (Phi-3-mini-4k, window W): query q sees only keys q-W+1..q.
+  Once the sequence is longer than W, the bright area is a band of width W along the diagonal,
+  with zeros to its lower left as well.
 - GQA heads: with 8 query heads over 4 kv heads, query heads h and h' with h // 2 == h' // 2 read
   the same keys. Their maps still differ, because their queries differ, but they often look alike.
-- Common patterns: a bright first column (an "attention sink": spare probability parked on the
-  first token), a bright diagonal (the token itself), the diagonal just below it (the previous
-  token), and stripes down a column (a token many queries come back to).
+- Common patterns:
+  - a bright first column: an "attention sink", spare probability parked on the first token;
+  - a bright diagonal: the token itself; the diagonal just below it: the previous token;
+  - stripes down a column: a token many queries come back to.
 
 Colours: every map uses one fixed scale, 0 (dark) to 1 (yellow), with one shared colorbar, also
 for the mean of a layer's heads (itself a distribution per row: the mean of rows that sum to 1

@@ -20,10 +20,10 @@ a group of 128 has narrower extremes and its own offset. Inside a group, byte j 
 (low 4 bits) and input 64 + j (high 4 bits), as llama.cpp packs its blocks, so that a byte is
 unpacked by two bitwise operations and no interleaving.
 
-Compiled (`compile=True`), a decode step's one-row products become reduction kernels that read
-the packed matrix and convert each entry as they go: a step reads about a quarter (int8) or a
-seventh (int4, its scales and offsets included) of fp32's bytes. Run eagerly, torch converts the whole matrix first, so quantization saves
-memory there, not time. The embedding stays in the model's dtype (a decode step reads one row of
+Compiled (`compile=True`), a decode step's one-row products become reduction kernels.
+They read the packed matrix and convert each entry as they go.
+A step then reads about a quarter (int8) or a seventh (int4, scales and offsets included) of fp32's bytes.
+Run eagerly, torch converts the whole matrix first: quantization saves memory there, not time. The embedding stays in the model's dtype (a decode step reads one row of
 it), and so do the norms. A quantized model is saved (`save_pretrained`, saving.py) with its integer
 weights, scales (and offsets) and a "quantization" entry in config.json, and loads back as it was saved.
 """

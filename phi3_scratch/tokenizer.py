@@ -1,16 +1,17 @@
 """Phi-3's tokenizer: text <-> token ids, and the chat template that turns messages into a prompt.
 
-Phi-3 and Phi-3.5 reuse Llama 2's sentencepiece model (`tokenizer.model`): a BPE over 32000
-pieces where a space is written "▁", every piece of text gets one leading "▁" (sentencepiece's
-add_dummy_prefix), and a character outside the vocabulary falls back to its UTF-8 bytes, one
-piece "<0xNN>" per byte (byte fallback: "👍" is 4 pieces). On top of that, tokenizer_config.json
-lists the added tokens, ids 32000-32010 (<|endoftext|>, <|user|>, <|assistant|>, <|end|>, ...),
-which sentencepiece knows nothing about. Encoding therefore goes in two steps:
+Phi-3 and Phi-3.5 reuse Llama 2's sentencepiece model (`tokenizer.model`), a BPE over 32000 pieces:
+- a space is written "▁", and every piece of text gets one leading "▁" (add_dummy_prefix);
+- a character outside the vocabulary falls back to its UTF-8 bytes, one piece "<0xNN>" per byte
+  (byte fallback: "👍" is 4 pieces).
+On top of that, tokenizer_config.json lists the added tokens, ids 32000-32010 (<|endoftext|>,
+<|user|>, <|assistant|>, <|end|>, ...). Sentencepiece knows nothing about them. Encoding therefore
+goes in two steps:
 
-1. find the added tokens in the raw text (longest first); a token with `rstrip` swallows the
-   whitespace right after it (so the "\\n" the chat template writes after <|user|> never reaches
-   the model), one with `lstrip` the whitespace right before it;
-2. encode each stretch of text between them with sentencepiece on its own, "▁" prefix included.
+1. Find the added tokens in the raw text, longest first.
+   A token with `rstrip` swallows the whitespace right after it: the "\n" the chat template writes
+   after <|user|> never reaches the model. One with `lstrip` swallows the whitespace before it.
+2. Encode each stretch of text between them with sentencepiece on its own, "▁" prefix included.
 
 No BOS is added by default (Phi-3's `add_bos_token` is false). Every entry of
 added_tokens_decoder is matched, <s>, </s> and <unk> included, as transformers and the published
