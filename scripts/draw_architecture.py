@@ -66,10 +66,12 @@ def architecture_svg(repo_id: str = REPO_ID) -> str:
         ("layer", f"decoder layer, x {c.num_hidden_layers}", "", None),
         ("op", "input_layernorm", "RMSNorm: x / rms(x), in fp32, cast back, then x weight", s["input_norm"]),
         ("op", "qkv_proj", f"one matmul, {s['qkv_in'][-1]} -> {s['qkv'][-1]}: q | k | v", s["qkv"]),
-        ("op", "q, k, v", f"split into {nH} query heads and {nKV} kv heads of {hd}", (s["q"], s["k"], s["v"])),
+        ("op", "q, k, v", f"split into {nH} query heads and {nKV} kv heads of {hd}",
+         (s["q"], s["k"], s["v"])),
         ("op", "rotary", f"rotate-half on q and k, by position (theta {c.rope_theta:g})", s["q"]),
         ("op", "KV cache", "k and v kept per layer; a new token computes only its own", s["k"]),
-        ("op", "attention", f"softmax(q k^T / sqrt({hd}) + mask) v; window {c.sliding_window}", s["attn_probs"]),
+        ("op", "attention", f"softmax(q k^T / sqrt({hd}) + mask) v; window {c.sliding_window}",
+         s["attn_probs"]),
         ("op", "o_proj", f"heads joined, {s['o_proj_in'][-1]} -> {s['o_proj'][-1]}", s["o_proj"]),
         ("add", "+ residual", "h = h + attention", s["o_proj"]),
         ("op", "post_attention_layernorm", "RMSNorm", s["post_norm"]),
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     svg = architecture_svg()
     if args.check:
         stale = not OUT.is_file() or OUT.read_text() != svg
-        print(f"{OUT.relative_to(ROOT)}: {'stale (python scripts/draw_architecture.py rewrites it)' if stale else 'ok'}")
+        verdict = "stale (python scripts/draw_architecture.py rewrites it)" if stale else "ok"
+        print(f"{OUT.relative_to(ROOT)}: {verdict}")
         return int(stale)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(svg)
