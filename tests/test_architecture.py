@@ -23,8 +23,10 @@ def test_the_picture_shows_phi3_minis_shapes_from_its_config():
     texts = [t.text for t in ET.fromstring(draw.OUT.read_text()).iter("{http://www.w3.org/2000/svg}text")]
     H, inner, V, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
-    expected = ["(1, T)", f"(1, T, {H})", f"(1, T, {qkv})", f"(1, {c.num_attention_heads}, T, {hd}) each",
-                f"(1, {c.num_attention_heads}, T, T)", f"(1, T, {2 * inner})", f"(1, T, {inner})", f"(1, T, {V})"]
+    heads = c.num_attention_heads
+    expected = ["(1, T)", f"(1, T, {H})", f"(1, T, {qkv})", f"(1, {heads}, T, {hd}) each",
+                f"(1, {heads}, T, T)",
+                f"(1, T, {2 * inner})", f"(1, T, {inner})", f"(1, T, {V})"]
     assert [e for e in expected if e not in texts] == []
     assert f"decoder layer, x {c.num_hidden_layers}" in texts
     order = ["token ids", "embed_tokens", "input_layernorm", "qkv_proj", "rotary", "attention", "o_proj",
