@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(Phi-3-mini-4k's shape) "
                              "or a Phi-3 family model (e.g. microsoft/Phi-3.5-mini-instruct, or phi-4)")
     parser.add_argument("--checkpoint", help="a real checkpoint folder instead of random weights")
+    parser.add_argument("--label", help="the checkpoint's name in the output (default: --checkpoint or --config)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--runs", type=int, default=3)
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             if not times.get(((job, tokens), name)) or ((job, tokens), name) in failed:
                 continue
             median = statistics.median(times[((job, tokens), name)])
-            row = {"measure": job, "impl": name, "config": args.checkpoint or args.config, "device": card,
+            row = {"measure": job, "impl": name, "config": args.label or args.checkpoint or args.config, "device": card,
                    "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
                    "tokens": tokens, "median_s": round(median, 5), "tokens_per_s": round(tokens / median, 2),
                    "ms_per_token": round(1000 * median / tokens, 3),

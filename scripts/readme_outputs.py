@@ -1,4 +1,4 @@
-"""The command outputs that README.md and docs/WALKTHROUGH.md show, run for real and written back.
+"""The command outputs that README.md, docs/CLI.md and docs/WALKTHROUGH.md show, run and written back.
 
     python scripts/readme_outputs.py            # rerun every example, rewrite its block in the docs
     python scripts/readme_outputs.py --check    # only compare; exit 1 and show the differences
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "docs" / "WALKTHROUGH.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "CLI.md", ROOT / "docs" / "WALKTHROUGH.md"]
 MARKER = re.compile(r"^( *)<!-- output: ([\w-]+) -->\n\1```[^\n]*\n(.*?)^\1```\n", re.M | re.S)
 NUMBER = re.compile(r"-?\d+\.(\d+)(?:e([+-]\d+))?")
 TIMED = re.compile(r"median|tokens/s|faster|\d+\.\d+ s\b")  # lines whose numbers are clock readings

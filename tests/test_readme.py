@@ -1,4 +1,4 @@
-"""The outputs README.md and docs/WALKTHROUGH.md show are what the commands print now.
+"""The outputs README.md, docs/CLI.md and docs/WALKTHROUGH.md show are what the commands print now.
 
 Each marked block (`<!-- output: NAME -->`) is rerun by scripts/readme_outputs.py, in a fresh process,
 offline, and compared line by line; times and speeds are masked, and a `...` line elides. After a
@@ -6,6 +6,7 @@ change that moves an output, `bash scripts/readme_outputs.sh` rewrites the block
 """
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -46,13 +47,33 @@ def test_the_comparison_masks_times_and_nothing_else():
     assert differences("a\nb", "a\nb\nc") != []  # a block must end where the output ends, or say '...'
 
 
-def test_the_api_session_in_the_readme_runs_as_shown():
-    """Every `>>>` line of README.md, run by doctest: the shown results are what the API returns now."""
+@pytest.mark.parametrize("name, least", [("README.md", 5), ("docs/API.md", 10)])
+def test_the_api_sessions_run_as_shown(name, least):
+    """Every `>>>` line of README.md and docs/API.md, run by doctest: the shown results are what the API returns."""
     import doctest
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    test = doctest.DocTestParser().get_doctest(readme, {}, "README.md", "README.md", 0)
-    assert len(test.examples) > 10
+    text = (Path(__file__).resolve().parents[1] / name).read_text()
+    test = doctest.DocTestParser().get_doctest(text, {}, name, name, 0)
+    assert len(test.examples) >= least
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_the_readme_is_short_and_starts_with_the_three_commands():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert len(readme) <= 20_000
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in commands  # CPU torch first
+    assert commands.index("pip install torch --index-url https://download.pytorch.org/whl/cpu") < \
+        commands.index('pip install -e ".[test]"')
+    assert "phi3-scratch tour --model tiny" in commands and "python -m pytest" in commands
+    for doc in ("docs/CLI.md", "docs/API.md", "docs/SPEED.md", "docs/TOKENIZER.md", "notebooks/phi3_notebook.ipynb",
+                "docs/img/architecture.svg"):
+        assert f"]({doc}" in readme, f"the README links {doc}"
+
+
+def test_no_shown_output_holds_a_machines_own_paths():
+    for doc, name, shown in BLOCKS:
+        assert not re.search(r"/(work|home|root|tmp|Users)/", shown), f"{doc.name}, block {name!r} shows a path"

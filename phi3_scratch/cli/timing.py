@@ -71,12 +71,12 @@ def bench_vs_transformers(args) -> None:
     folder = model_folder(args)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or folder)
     tokens = len(encode_prompt(tokenizer, args.prompt, args.chat, "cpu")[0])
-    argv = ["--checkpoint", str(folder), "--device", args.device, "--runs", str(args.runs),
+    argv = ["--checkpoint", str(folder), "--label", args.model, "--device", args.device, "--runs", str(args.runs),
             "--new-tokens", str(args.max_new_tokens), "--prompt-len", str(tokens), "--prefill",
             *map(str, [512] if args.prefill is None else args.prefill)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    print(f"phi3_scratch and transformers on {folder}: a random prompt of {tokens} tokens (as long as PROMPT), "
+    print(f"phi3_scratch and transformers on {args.model}: a random prompt of {tokens} tokens (as long as PROMPT), "
           f"{args.max_new_tokens} new tokens; one JSON line per measurement", flush=True)
     benchmark.main(argv)
 
