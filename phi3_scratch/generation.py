@@ -139,6 +139,9 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
             raise Phi3Error(f"{name} must be True or False, got {flag!r}")
     if compile and not use_cache:
         raise Phi3Error("compile=True compiles the cached decode step; it needs use_cache=True")
+    if compile and model.model.probe is not None:  # p3.trace or p3.intervene is active
+        raise Phi3Error("compile=True runs a compiled decode step, which no trace or intervention reaches; "
+                        "inside p3.trace or p3.intervene, generate with compile=False")
     stop_ids = config.stop_token_ids if eos_token_id is None else stop_id_list(eos_token_id)
     outside = [i for i in stop_ids if not 0 <= i < config.vocab_size]
     if outside:  # no token could ever match: generation would never stop

@@ -17,7 +17,9 @@ Start at Phi3ForCausalLM.forward, the one forward pass that everything runs: a u
 `compile=True`. (The notebook's body-then-head cell, `next-token` and the logit lens call its two
 halves themselves: Phi3Model.forward, then lm_head.) After the classes come the helpers they
 call: the positions and the attention mask (one place for both), and the attention kernels. The
-input checks live in checks.py: forward runs them once, on entry. Module names equal the checkpoint's tensor names
+input checks live in checks.py: forward runs them once, on entry. Each named intermediate passes
+through a tap, `tap("attn_out", ...)`: `untouched` returns it as it is, unless p3.trace or
+p3.intervene is listening. Module names equal the checkpoint's tensor names
 (`model.layers.0.self_attn.qkv_proj.weight`), so loading is a plain name-to-tensor copy.
 
 Shapes in comments use: B batch, T new tokens, S key slots attended (cached + new; with a static
@@ -68,9 +70,8 @@ class Phi3ForCausalLM(nn.Module):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # (B, n, H)
         logits = self.lm_head(hidden)  # (B, T or n, V)
-        if self.model.trace is not None:
-            self.model.trace.record(logits=logits)
-        return logits
+        probe = self.model.probe
+        return logits if probe is None else probe("logits", logits)
 
     def set_attention(self, kernel: str) -> "Phi3ForCausalLM":
         """Choose how attention is computed, in every layer; returns the model.
@@ -125,7 +126,8 @@ class Phi3Model(nn.Module):
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
-        self.trace = None  # set by tracing.trace(model): where forward records its intermediates
+        # A tracing.Probe while p3.trace or p3.intervene is active, else None: see `untouched`.
+        self.probe = None
 
     def forward(
         self,
@@ -145,20 +147,15 @@ class Phi3Model(nn.Module):
         real = cache.real if cache is not None and cache.static else attention_mask  # (B, S) or None
         positions, mask = positions_and_mask(slots, S, real, self.config.sliding_window, B)  # (B, T), (B, T, S)
 
-        trace = self.trace  # a tracing.Trace while `with p3.trace(model)` is active, else None
-        h = self.embed_tokens(input_ids)  # (B, T, H)
+        probe = self.probe
+        tap = untouched if probe is None else probe.begin(positions=positions, mask=mask)  # a new pass
+        h = tap("embed", self.embed_tokens(input_ids))  # (B, T, H)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (B, T, rotary_dim) each
-        if trace is not None:
-            trace.clear()  # a trace holds one forward pass: this one
-            trace.record(embed=h, positions=positions, mask=mask)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, slots, None if trace is None else trace.layers[i])  # (B, T, H)
+            h = layer(h, cos, sin, mask, cache, slots, None if probe is None else probe.layers[i])  # (B, T, H)
         if cache is not None:
             cache.advance(T)
-        h = self.norm(h)  # (B, T, H)
-        if trace is not None:
-            trace.record(final_norm=h)
-        return h
+        return tap("final_norm", self.norm(h))  # (B, T, H)
 
 
 class Phi3DecoderLayer(nn.Module):
@@ -171,17 +168,14 @@ class Phi3DecoderLayer(nn.Module):
         self.input_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, cache, slots, trace=None):
-        x = self.input_layernorm(h)  # (B, T, H)
-        attn_out = self.self_attn(x, cos, sin, mask, cache, slots, trace)  # (B, T, H)
-        h_mid = h + attn_out  # the residual stream after attention
-        x_mid = self.post_attention_layernorm(h_mid)  # (B, T, H)
-        mlp_out = self.mlp(x_mid)  # (B, T, H)
-        h_out = h_mid + mlp_out
-        if trace is not None:  # see tracing.py
-            trace.record(input_norm=x, attn_out=attn_out, attn_residual=h_mid, post_attn_norm=x_mid,
-                         mlp_out=mlp_out, residual=h_out)
-        return h_out
+    def forward(self, h, cos, sin, mask, cache, slots, probe=None):
+        tap = untouched if probe is None else probe  # each tap names a point a trace or an edit can reach
+        x = tap("input_norm", self.input_layernorm(h))  # (B, T, H)
+        attn_out = tap("attn_out", self.self_attn(x, cos, sin, mask, cache, slots, probe))  # (B, T, H)
+        h = tap("attn_residual", h + attn_out)  # the residual stream after attention
+        x = tap("post_attn_norm", self.post_attention_layernorm(h))  # (B, T, H)
+        mlp_out = tap("mlp_out", self.mlp(x, probe))  # (B, T, H)
+        return tap("residual", h + mlp_out)  # (B, T, H): the layer's output
 
 
 class Phi3RMSNorm(nn.Module):
@@ -238,25 +232,25 @@ class Phi3Attention(nn.Module):
         mask: torch.Tensor,  # (B, T, S) fp32, additive: 0 where allowed, most negative finite value elsewhere
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,  # (T,): the cache slots of the new tokens (with a cache)
-        trace=None,  # a tracing.Records: receives q, k, v and the attention probabilities
+        probe=None,  # a tracing.Probe: this layer's points (see Phi3DecoderLayer.forward)
     ) -> torch.Tensor:
+        tap = untouched if probe is None else probe
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)  # (B, T, nH*hd), (B, T, nKV*hd) x2
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nH, T, hd): one row per head
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nKV, T, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nKV, T, hd)
+        q = tap("q_raw", q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2))  # (B, nH, T, hd)
+        k = tap("k_raw", k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2))  # (B, nKV, T, hd)
+        v = tap("v", v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2))  # (B, nKV, T, hd)
 
         # Rotate q and k by their positions BEFORE caching: cached keys never need rotating again.
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        if trace is not None:
-            trace.record(q=q, k=k, v=v)  # after rotary; the new positions only
+        q = tap("q", apply_rotary(q, cos, sin))
+        k = tap("k", apply_rotary(k, cos, sin))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, slots)  # (B, nKV, S, hd): earlier positions + these
 
-        attention = ATTENTION["eager" if trace is not None else self.kernel]
-        out = attention(q, k, v, mask, trace)  # (B, nH, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nH*hd): heads side by side
+        # A probe that reads or edits the scores or probabilities needs them written out: eager.
+        attention = ATTENTION["eager" if probe is not None and probe.eager else self.kernel]
+        out = tap("head_out", attention(q, k, v, mask, probe))  # (B, nH, T, hd): each head's output
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nH*hd): heads joined
         return self.o_proj(out)  # (B, T, H)
 
 
@@ -269,9 +263,19 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # weight (H, I)
         self.activation_fn = nn.SiLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, probe=None) -> torch.Tensor:
+        tap = untouched if probe is None else probe
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
-        return self.down_proj(up * self.activation_fn(gate))  # (B, T, H)
+        return self.down_proj(tap("mlp_act", up * self.activation_fn(gate)))  # (B, T, I) -> (B, T, H)
+
+
+def untouched(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tap when no probe is active: every tensor passes on as it is.
+
+    A tap names a point of the forward pass. While p3.trace or p3.intervene is active, the probe
+    (tracing.py) is the tap instead: it records the tensor, or returns an edited one.
+    """
+    return tensor
 
 
 # ---------------------------------------------------------- positions and the attention mask
@@ -310,7 +314,7 @@ def positions_and_mask(slots: torch.Tensor, S: int, real: torch.Tensor | None, w
 # ------------------------------------------------------------------------- attention kernels
 
 
-def eager_attention(q, k, v, mask, trace=None) -> torch.Tensor:
+def eager_attention(q, k, v, mask, probe=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v, written out; q (B, nH, T, hd), k and v (B, nKV, S, hd).
 
     GQA without copying: the query heads are viewed as (nKV, groups), so each kv head broadcasts
@@ -318,20 +322,21 @@ def eager_attention(q, k, v, mask, trace=None) -> torch.Tensor:
     """
     B, nH, T, hd = q.shape
     nKV = k.shape[1]
+    tap = untouched if probe is None else probe
     q = q.view(B, nKV, nH // nKV, T, hd)  # (B, nKV, groups, T, hd)
     k, v = k[:, :, None], v[:, :, None]  # (B, nKV, 1, S, hd): broadcast over the group
     scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # (B, nKV, groups, T, S)
+    scores = tap("scores", scores.reshape(B, nH, T, -1)).reshape(scores.shape)  # tapped as (B, nH, T, S)
     # The mask is added in fp32, where the softmax runs anyway: in fp16, score + most negative
     # value would overflow to -inf, and a row of padding with every key masked would give NaN.
     scores = scores.float() + mask[:, None, None]  # (B, nKV, groups, T, S), mask broadcast over heads
     probs = F.softmax(scores, dim=-1).to(q.dtype)  # (B, nKV, groups, T, S), rows sum to 1
-    if trace is not None:
-        trace.record(attn_probs=probs.reshape(B, nH, T, -1))  # (B, nH, T, S): what was used
+    probs = tap("attn_probs", probs.reshape(B, nH, T, -1)).reshape(probs.shape)  # tapped as (B, nH, T, S)
     out = probs @ v  # (B, nKV, groups, T, hd)
     return out.reshape(B, nH, T, hd)  # (B, nH, T, hd), head h = kv head h // groups
 
 
-def sdpa_attention(q, k, v, mask, trace=None) -> torch.Tensor:
+def sdpa_attention(q, k, v, mask, probe=None) -> torch.Tensor:
     """The same maths in torch's fused scaled_dot_product_attention: the (T, S) probabilities are
     never stored. That kernel (on a GPU the memory-efficient one, which takes a mask) wants as
     many kv heads as query heads, so each kv head is repeated for its group. The mask, in q's

@@ -9,15 +9,22 @@ Recorded per forward call (each call inside the block starts the records afresh,
 always one pass's; logits only when the call went through Phi3ForCausalLM, not its body alone):
     embed, positions, mask (the additive fp32 mask), final_norm, logits (through Phi3ForCausalLM)
     layers.{i}.input_norm   the normed input of the attention              (B, T, H)
+    layers.{i}.q_raw / k_raw  q and k before rotary, new positions only      (B, nH or nKV, T, hd)
     layers.{i}.q            after rotary, new positions only                (B, nH, T, hd)
     layers.{i}.k / v        k after rotary, v as computed, new positions   (B, nKV, T, hd)
-    layers.{i}.attn_probs   softmax(q k^T / sqrt(hd) + mask)                (B, nH, T, S)
+    layers.{i}.scores       q k^T / sqrt(hd), before the mask and softmax   (B, nH, T, S)
+    layers.{i}.attn_probs   softmax(scores + mask)                          (B, nH, T, S)
+    layers.{i}.head_out     each head's output, before o_proj joins them    (B, nH, T, hd)
     layers.{i}.attn_out     the attention's output, after o_proj              (B, T, H)
     layers.{i}.attn_residual, post_attn_norm, mlp_out, residual (the layer's output)
-When no trace is active the only cost is a few `is None` tests per layer. `trace(model, only=...)`
-keeps just the names listed, as bare names kept in every layer (`{"attn_probs"}`, not
-"layers.3.attn_probs"); attention probabilities are T x S per head: a long prompt makes them the
-largest thing in memory.
+    layers.{i}.mlp_act      up * silu(gate), the input of down_proj         (B, T, I)
+
+- The model calls a tap at each of these points (model.untouched, or the active probe).
+  When no trace is active, the tap passes every tensor on: a Python call per point, nothing more.
+- `trace(model, only=...)` keeps just the names listed, as bare names kept in every layer
+  (`{"attn_probs"}`, not "layers.3.attn_probs").
+- Scores and probabilities are T x S per head: a long prompt makes them the largest thing in memory.
+- p3.intervene (intervene.py) edits the same points; inside a trace, the edited values are recorded.
 """
 
 from __future__ import annotations
@@ -32,31 +39,61 @@ from .generation import as_causal_lm
 from .model import Phi3ForCausalLM
 
 MODEL_NAMES = ("embed", "positions", "mask", "final_norm", "logits")
-LAYER_NAMES = ("input_norm", "q", "k", "v", "attn_probs", "attn_out", "attn_residual", "post_attn_norm",
-               "mlp_out", "residual")
+LAYER_NAMES = ("input_norm", "q_raw", "k_raw", "q", "k", "v", "scores", "attn_probs", "head_out", "attn_out",
+               "attn_residual", "post_attn_norm", "mlp_act", "mlp_out", "residual")
+EAGER_NAMES = {"scores", "attn_probs"}  # only the eager attention kernel writes these out
 
 
 class Records(dict):
-    """name -> tensor, for one layer or for the whole model; `record` skips names not in `only`."""
+    """The tap for one layer's points, or the model's: name -> tensor, as the forward pass goes.
 
-    def __init__(self, only: set[str] | None = None):
+    - It records the names asked for (all, or those in `only`) while `recording`.
+    - It applies the edit p3.intervene gave for a name (`edits`), then records the edited tensor.
+    """
+
+    def __init__(self, only: set[str] | None = None, recording: bool = True, where: str = ""):
         super().__init__()
-        self.only = only
+        self.only, self.recording, self.where = only, recording, where  # where: "layers.3." or ""
+        self.edits = {}  # name -> edit(point, tensor) -> tensor, from intervene.py
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        edit = self.edits.get(name)
+        if edit is not None:
+            tensor = edit(self.where + name, tensor)
+        if self.recording and (self.only is None or name in self.only):
+            self[name] = tensor
+        return tensor
+
+    @property
+    def eager(self) -> bool:
+        """Whether attention must run the eager kernel: to record, or to edit, the probabilities."""
+        return self.recording or bool(EAGER_NAMES & self.edits.keys())
 
     def record(self, **tensors: torch.Tensor) -> None:
         for name, tensor in tensors.items():
-            if self.only is None or name in self.only:
+            if self.recording and (self.only is None or name in self.only):
                 self[name] = tensor
 
 
 class Trace(Records):
-    """The records of one forward pass. Model-level names (embed, positions, mask, final_norm, logits) live in
-    the dict itself, layer i's in `layers[i]`; `t["layers.3.q"]`, `"layers.3.q" in t`, `t.get(...)`,
-    len(t), iterating, keys(), items() and `t.flat()` (everything, in forward order) read both."""
+    """The records of one forward pass, and the probe the model taps (model.untouched says how).
 
-    def __init__(self, num_layers: int, only: set[str] | None = None):
-        super().__init__(only)
-        self.layers = [Records(only) for _ in range(num_layers)]
+    - Model-level names (embed, positions, mask, final_norm, logits) live in the dict itself, layer i's
+      in `layers[i]`.
+    - `t["layers.3.q"]`, `"layers.3.q" in t`, `t.get(...)`, len(t), iterating, keys(), items() and
+      `t.flat()` (everything, in forward order) read both.
+    - p3.intervene alone installs one that records nothing and only edits.
+    """
+
+    def __init__(self, num_layers: int, only: set[str] | None = None, recording: bool = True):
+        super().__init__(only, recording)
+        self.layers = [Records(only, recording, f"layers.{i}.") for i in range(num_layers)]
+
+    def begin(self, positions: torch.Tensor, mask: torch.Tensor) -> "Trace":
+        """A forward pass starts: forget the last one's records, keep this one's positions and mask."""
+        self.clear()
+        self.record(positions=positions, mask=mask)
+        return self
 
     def __getitem__(self, name: str) -> torch.Tensor:
         records = self.flat()
@@ -107,9 +144,12 @@ class Trace(Records):
 
 @contextmanager
 def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
-    """Record the intermediates of the forward passes run inside the `with` block, each pass replacing
-    the one before (only the names in `only`, when given). Traces nest: an inner block hands the
-    outer one back when it ends."""
+    """Record the intermediates of the forward passes run inside the `with` block.
+
+    - Each pass replaces the one before; only the names in `only` are kept, when given.
+    - Traces nest: an inner block hands the outer one back when it ends.
+    - An intervention active around the block stays active in it, and its edits are recorded.
+    """
     if isinstance(only, str):
         raise Phi3Error(f"trace(only=...) takes a set of names, e.g. {{{only!r}}}, got the string {only!r}")
     if only is not None:
@@ -122,11 +162,15 @@ def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
                             f"names (a layer's are kept in every layer) from {sorted(known)}")
         only = set(only)
     body = as_causal_lm(model, "trace(model)").model
-    outer, body.trace = body.trace, Trace(len(body.layers), only)
+    outer, body.probe = body.probe, Trace(len(body.layers), only)
+    if outer is not None:  # an intervention around this block goes on editing
+        body.probe.edits = dict(outer.edits)
+        for mine, theirs in zip(body.probe.layers, outer.layers):
+            mine.edits = dict(theirs.edits)
     try:
-        yield body.trace
+        yield body.probe
     finally:
-        body.trace = outer
+        body.probe = outer
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ def test_traced_attention_probabilities_are_the_ones_used(tiny_gqa):
     ids = torch.randint(3, 256, (2, 10))
     with torch.no_grad(), p3.trace(model) as t:
         logits = model(ids)
-    assert model.model.trace is None  # off again after the block
+    assert model.model.probe is None  # off again after the block
     with torch.no_grad():
         assert torch.equal(model(ids), logits)  # tracing changes nothing
     for i in range(model.config.num_hidden_layers):
@@ -49,7 +49,7 @@ def test_trace_of_a_cached_decode_step_and_nested_traces(tiny_gqa):
         model(torch.randint(3, 256, (1, 6)), cache)
         with p3.trace(model, only={"attn_probs"}) as inner:
             model(torch.randint(3, 256, (1, 1)), cache)  # one new query over 7 keys
-        assert model.model.trace is outer  # the outer trace is back
+        assert model.model.probe is outer  # the outer trace is back
         model(torch.randint(3, 256, (1, 1)), cache)
     assert inner["layers.0.attn_probs"].shape == (1, 6, 1, 7) and "layers.0.q" not in inner
     assert outer["layers.1.attn_probs"].shape == (1, 6, 1, 8)  # the last call inside the outer block
@@ -64,7 +64,7 @@ def test_a_trace_holds_one_forward_pass_never_a_mix(tiny_gqa):
         model(ids)
         model.model(ids[:, :2])
     assert t["final_norm"].shape[1] == t["layers.0.q"].shape[2] == 2 and "logits" not in t
-    assert list(t) == list(t.keys()) == list(t.flat()) and len(t) == 3 + 10 * len(t.layers) + 1  # every name, layers' too
+    assert list(t) == list(t.keys()) == list(t.flat()) and len(t) == 3 + 15 * len(t.layers) + 1  # every name, layers' too
 
 
 def test_logit_lens_last_layer_is_the_model_output(tiny_gqa):
@@ -181,8 +181,8 @@ def test_a_name_the_trace_does_not_hold_says_what_it_holds():
     with p3.trace(model) as t:
         model(torch.tensor([[1, 2]]))
     for name in ("layers.9.q", "layers.x.q", "layers.0", "attn_probs", "layers.0.atn_probs"):
-        with pytest.raises(KeyError, match=rf"no record '{re.escape(name)}' in this trace \(print\(trace\) lists its 45 "
-                                           r"names; a layer's are layers.<0..3>.<input_norm\|q\|"):
+        with pytest.raises(KeyError, match=rf"no record '{re.escape(name)}' in this trace \(print\(trace\) lists its 65 "
+                                           r"names; a layer's are layers.<0..3>.<input_norm\|q_raw\|"):
             t[name]
     assert t.get("layers.9.q") is None and "layers.0.q" in t
     with pytest.raises(p3.Phi3Error, match=r"trace\(only=...\) takes a set of names, e.g. \{'attn_probs'\}"):
