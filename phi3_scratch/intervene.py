@@ -44,7 +44,8 @@ def intervene(model, edits: dict[str, Callable]):
     places = {point: where(point, len(body.layers)) for point in edits}
     for point, fn in edits.items():
         if not callable(fn):
-            raise Phi3Error(f"intervene: the edit for {point!r} must be a function of the tensor, got {type_name(fn)}")
+            raise Phi3Error(f"intervene: the edit for {point!r} must be a function of the tensor, got "
+                            f"{type_name(fn)}")
     probe, installed = body.probe, body.probe is None
     if installed:  # no trace around the block: a probe that only edits
         probe = body.probe = Trace(len(body.layers), recording=False)
@@ -85,11 +86,14 @@ def checked(fn: Callable) -> Callable:
         if new is None:
             return tensor
         if not isinstance(new, torch.Tensor):
-            raise Phi3Error(f"intervene: the edit for {point} returned {type_name(new)}; expected a tensor of "
+            raise Phi3Error(f"intervene: the edit for {point} returned {type_name(new)}; expected a tensor "
+                            "of "
                             f"shape {tuple(tensor.shape)} (or None to leave it)")
         if new.shape != tensor.shape or new.dtype != tensor.dtype or new.device != tensor.device:
-            raise Phi3Error(f"intervene: the edit for {point} returned shape {tuple(new.shape)}, {new.dtype} on "
-                            f"{new.device}; expected shape {tuple(tensor.shape)}, {tensor.dtype} on {tensor.device}")
+            raise Phi3Error(f"intervene: the edit for {point} returned shape {tuple(new.shape)}, {new.dtype} "
+                            "on "
+                            f"{new.device}; expected shape {tuple(tensor.shape)}, {tensor.dtype} on "
+                            f"{tensor.device}")
         return new
     return edit
 
@@ -102,7 +106,8 @@ def ablate_head(layer: int, head: int) -> dict[str, Callable]:
 
     def zero(out: torch.Tensor) -> torch.Tensor:  # (B, nH, T, hd)
         if head >= out.shape[1]:
-            raise Phi3Error(f"ablate_head: head {head}: layer {layer} has {out.shape[1]} heads, 0..{out.shape[1] - 1}")
+            raise Phi3Error(f"ablate_head: head {head}: layer {layer} has {out.shape[1]} heads, "
+                            f"0..{out.shape[1] - 1}")
         out[:, head] = 0
         return out
     return {f"layers.{layer}.head_out": zero}
@@ -116,7 +121,8 @@ def ablate_neuron(layer: int, index: int) -> dict[str, Callable]:
 
     def zero(act: torch.Tensor) -> torch.Tensor:  # (B, T, I)
         if index >= act.shape[-1]:
-            raise Phi3Error(f"ablate_neuron: index {index}: layer {layer}'s MLP has {act.shape[-1]} channels, "
+            raise Phi3Error(f"ablate_neuron: index {index}: layer {layer}'s MLP has {act.shape[-1]} "
+                            "channels, "
                             f"0..{act.shape[-1] - 1}")
         act[..., index] = 0
         return act
@@ -132,7 +138,8 @@ def patch(point: str, source: torch.Tensor, positions: list[int] | None = None) 
     """
     name = point.rsplit(".", 1)[-1]
     if not isinstance(source, torch.Tensor):
-        raise Phi3Error(f"patch({point!r}, source): source must be a tensor (from a trace), got {type_name(source)}")
+        raise Phi3Error(f"patch({point!r}, source): source must be a tensor (from a trace), got "
+                        f"{type_name(source)}")
     axis = TOKEN_AXIS.get(name, 1)
 
     def replace(x: torch.Tensor) -> torch.Tensor | None:

@@ -72,7 +72,8 @@ def test_ablating_a_head_zeroes_o_projs_input_there_as_in_transformers(pair):
     def zero_head(x):  # o_proj's input (B, T, nH * hd): head 2 is channels 2*hd..3*hd
         x[..., 2 * hd:3 * hd] = 0
         return x
-    logits, tokens = both(model, hf, p3.ablate_head(1, 2), [("model.layers.1.self_attn.o_proj", zero_head, True)])
+    logits, tokens = both(model, hf, p3.ablate_head(1, 2), [("model.layers.1.self_attn.o_proj", zero_head,
+                                                             True)])
     assert_same(logits, tokens, base)
 
 
@@ -231,8 +232,8 @@ def test_edits_reach_the_re_prefill_at_the_longrope_switch(checkpoints):
     handle = hooked(hf, "model.layers.0.self_attn.o_proj", zero_head, pre=True)
     try:
         with torch.no_grad():
-            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                   eos_token_id=[], pad_token_id=0)
+            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                   do_sample=False, eos_token_id=[], pad_token_id=0)
     finally:
         handle.remove()
     with torch.no_grad(), p3.intervene(model, p3.ablate_head(0, 1)):
@@ -281,7 +282,8 @@ def test_bad_edits_are_refused_by_name(pair):
         ({"layers.1.heads_out": lambda x: x}, r"'layers.1.heads_out' is not a point of the forward pass; "
                                               r"a layer's points are layers.<0..3>.<input_norm\|q_raw"),
         ({"positions": lambda x: x}, r"'positions' is not a point"),
-        ({"layers.1.attn_out": 3}, r"the edit for 'layers.1.attn_out' must be a function of the tensor, got int"),
+        ({"layers.1.attn_out": 3},
+         r"the edit for 'layers.1.attn_out' must be a function of the tensor, got int"),
         ({}, r"edits must be a non-empty dict"),
     ]
     for edits, message in refusals:
@@ -289,10 +291,12 @@ def test_bad_edits_are_refused_by_name(pair):
             with p3.intervene(model, edits):
                 pass
     wrong = [
-        ({"layers.1.attn_out": lambda x: x[:, :2]}, r"the edit for layers.1.attn_out returned shape \(1, 2, 128\), "
+        ({"layers.1.attn_out": lambda x: x[:, :2]},
+         r"the edit for layers.1.attn_out returned shape \(1, 2, 128\), "
                                                     r"torch.float32 on cpu; expected shape \(1, 8, 128\)"),
         ({"layers.0.mlp_act": lambda x: x.double()}, r"returned shape \(1, 8, 384\), torch.float64"),
-        ({"layers.0.mlp_act": lambda x: "no"}, r"the edit for layers.0.mlp_act returned str; expected a tensor"),
+        ({"layers.0.mlp_act": lambda x: "no"},
+         r"the edit for layers.0.mlp_act returned str; expected a tensor"),
         (p3.ablate_head(0, 7), r"ablate_head: head 7: layer 0 has 4 heads, 0..3"),
         (p3.ablate_neuron(0, 999), r"ablate_neuron: index 999: layer 0's MLP has 384 channels"),
         (p3.steer(0, torch.ones(5)), r"steer: the vector has 5 numbers; the residual stream has 128"),
