@@ -35,6 +35,7 @@ The file map: the core above, then what surrounds it.
 - learning tools:
   - tracing.py: every intermediate of a forward pass, the logit lens, comparison with transformers.
   - intervene.py: change an activation and see what changes (ablate, patch, steer).
+  - explore.py, serve.py: one forward pass drawn in the browser, as a file or live.
   - stepping.py: decode one token at a time, any token forced. plotting.py: attention heatmaps.
   - notebook.py, pipeline.py: the teaching notebook's transformers names.
 - speed: compiled.py (compile=True), quantize.py (int8, int4), benchmark.py and profiling.py.
@@ -46,6 +47,7 @@ from .config import Phi3Config
 from .errors import Phi3Error
 from . import loading  # noqa: F401  (p3.loading.TINY: the built-in tiny model's folder)
 from .decode import greedy_decode
+from .explore import explore
 from .generation import generate, stream_tokens
 from .intervene import ablate_head, ablate_neuron, intervene, patch, steer
 from .model import Phi3ForCausalLM, Phi3Model
@@ -57,5 +59,5 @@ from .tracing import Trace, compare_with_transformers, logit_lens, trace
 
 __all__ = ["AutoModelForCausalLM", "AutoTokenizer", "KVCache", "Phi3Config", "Phi3Error", "Phi3ForCausalLM",
            "Phi3Model", "StepRecord", "Stepper", "Tokenizer", "Trace", "compare_with_transformers",
-           "ablate_head", "ablate_neuron", "generate", "greedy_decode", "intervene", "logit_lens", "patch",
-           "pipeline", "steer", "stream_tokens", "trace"]
+           "ablate_head", "ablate_neuron", "explore", "generate", "greedy_decode", "intervene", "logit_lens",
+           "patch", "pipeline", "steer", "stream_tokens", "trace"]
