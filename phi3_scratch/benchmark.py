@@ -66,18 +66,18 @@ THEIRS = ("eager", "sdpa", "compiled")
 JOBS = {**OURS, "transformers-compiled": DECODE}  # the measures each variant runs (by name prefix; None: all)
 # Phi-3-mini-4k-instruct's shape (3.8B parameters), from the family data; the others scale it down.
 MINI = family.official_config("microsoft/Phi-3-mini-4k-instruct")
-SMALL = {**MINI, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
-         "num_key_value_heads": 8}
+SMALL = {**MINI, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+         "num_attention_heads": 8, "num_key_value_heads": 8}
 
 
 # Between small and Phi-3-mini: 1.3 GB of fp32 weights, far more than any CPU cache holds.
-MEDIUM = {**MINI, "hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 8, "num_attention_heads": 12,
-          "num_key_value_heads": 12}
+MEDIUM = {**MINI, "hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 8,
+          "num_attention_heads": 12, "num_key_value_heads": 12}
 
 
 # Small enough that the weights (8 MB) stay in the CPU's caches: per-token overhead, not memory, dominates.
-MICRO = {**SMALL, "vocab_size": 2048, "eos_token_id": 2, "pad_token_id": 0, "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
-         "num_key_value_heads": 4}
+MICRO = {**SMALL, "vocab_size": 2048, "eos_token_id": 2, "pad_token_id": 0, "hidden_size": 256,
+         "intermediate_size": 768, "num_attention_heads": 4, "num_key_value_heads": 4}
 
 
 # Small, tied and grouped-query like Phi-4-mini: checks that both models really share one head.
@@ -90,8 +90,8 @@ def config_dict(name: str) -> dict:
     if name in BUILT_IN:
         return dict(BUILT_IN[name])
     if family.find(name) is None:
-        raise SystemExit(f"error: --config {name!r}: expected one of {sorted(BUILT_IN)} or a Phi-3 family model, "
-                         f"one of {family.repo_ids()}")
+        raise SystemExit(f"error: --config {name!r}: expected one of {sorted(BUILT_IN)} "
+                         f"or a Phi-3 family model, one of {family.repo_ids()}")
     return family.official_config(name)
 
 
@@ -121,7 +121,8 @@ def build(args, device, dtype):
                     p.fill_(1.0)
         if hf.config.tie_word_embeddings:
             hf.lm_head.weight = hf.model.embed_tokens.weight  # to_empty gave the tied head its own storage
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)  # to_empty left its tables empty
+        # to_empty left its tables empty
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)
         with torch.device("meta"):
             ours = p3.Phi3ForCausalLM(p3.Phi3Config.from_dict(d))
         for name, p in hf.named_parameters():
@@ -131,7 +132,8 @@ def build(args, device, dtype):
         theirs = {n: p.data_ptr() for n, p in hf.named_parameters(remove_duplicate=False)}
         shared = all(theirs[n] == p.data_ptr() for n, p in ours.named_parameters(remove_duplicate=False))
         assert shared, "phi3_scratch and transformers must read the very same weight tensors"
-    models = {f"transformers-{impl}": hf for impl in args.transformers}  # one set of weights; the kernel is a setting
+    # one set of weights; the kernel is a setting
+    models = {f"transformers-{impl}": hf for impl in args.transformers}
     return ours, models
 
 
@@ -141,7 +143,8 @@ def model_bytes(model) -> tuple[int, int]:
     The KV cache is not counted either (the compiled step reads all of its slots: about 1% more)."""
     weights = weight_bytes(model)
     embed = model.model.embed_tokens.weight
-    return weights, weights - (0 if model.config.tie_word_embeddings else embed.numel() * embed.element_size())
+    return weights, weights - (0 if model.config.tie_word_embeddings
+                               else embed.numel() * embed.element_size())
 
 
 def variant(ours, name: str, built: dict | None = None):
@@ -195,13 +198,15 @@ def copy_bandwidth(device) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small",
-                        help="'small' (186 MB of fp32 weights), 'medium' (1.3 GB), 'micro' (8 MB), 'phi3-mini' "
-                             "(Phi-3-mini-4k's shape) "
+                        help="'small' (186 MB of fp32 weights), 'medium' (1.3 GB), 'micro' (8 MB), "
+                             "'phi3-mini' (Phi-3-mini-4k's shape) "
                              "or a Phi-3 family model (e.g. microsoft/Phi-3.5-mini-instruct, or phi-4)")
     parser.add_argument("--checkpoint", help="a real checkpoint folder instead of random weights")
-    parser.add_argument("--label", help="the checkpoint's name in the output (default: --checkpoint or --config)")
+    parser.add_argument("--label",
+                        help="the checkpoint's name in the output (default: --checkpoint or --config)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--runs", type=int, default=3)
@@ -209,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--prefill", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--transformers", nargs="*", default=list(THEIRS), choices=THEIRS,
-                        help="transformers' variants: eager and sdpa attention, compiled (static cache + torch.compile)")
-    parser.add_argument("--ours", nargs="*", default=list(OURS)[:5], choices=list(OURS), help="phi3_scratch variants")
+                        help="transformers' variants: eager and sdpa attention, "
+                             "compiled (static cache + torch.compile)")
+    parser.add_argument("--ours", nargs="*", default=list(OURS)[:5], choices=list(OURS),
+                        help="phi3_scratch variants")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--profile", type=Path, help="also write a profile of 10 decode steps to this file")
     args = parser.parse_args(argv)
@@ -222,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     ours, hf_models = build(args, device, dtype)
     built = {}
     impls = {name: variant(ours, name, built) for name in args.ours} | hf_models
-    sizes = {name: model_bytes(ours if name.startswith("transformers-") else model) for name, model in impls.items()}
+    sizes = {name: model_bytes(ours if name.startswith("transformers-") else model)
+             for name, model in impls.items()}
     bandwidth = copy_bandwidth(device)
     vocab = ours.config.vocab_size
     torch.manual_seed(1)
@@ -233,11 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     def decode(name, model, use_cache, n=n):
         if name.startswith("phi3_scratch"):
             compile = name.startswith("phi3_scratch-compiled")
-            return lambda: p3.generate(model, prompt, n, use_cache=use_cache, eos_token_id=[], compile=compile)
-        options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       use_cache=use_cache, pad_token_id=0)
+            return lambda: p3.generate(model, prompt, n, use_cache=use_cache, eos_token_id=[],
+                                       compile=compile)
+        options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, use_cache=use_cache, pad_token_id=0)
         if name == "transformers-compiled":  # one cache length for every call, so no call recompiles for it
-            return lambda: model.generate(prompt, cache_implementation="static", compile_config=compile_config,
+            return lambda: model.generate(prompt, cache_implementation="static",
+                                          compile_config=compile_config,
                                           max_cache_len=prompt.shape[1] + args.new_tokens, **options)
         return lambda: model.generate(prompt, **options)
 
@@ -252,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         if length <= ours.config.max_position_embeddings:
             jobs[(f"prefill_{length}", length)] = lambda name, m, length=length: prefill(m, length)
         else:
-            print(f"bench: no prefill_{length}: the model has {ours.config.max_position_embeddings} positions",
+            print(f"bench: no prefill_{length}: "
+                  f"the model has {ours.config.max_position_embeddings} positions",
                   file=sys.stderr, flush=True)
 
     def runs(job: str, name: str) -> bool:
@@ -289,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
             warmup[(job, name)] = seconds
 
     stopped = False
-    previous = signal.signal(signal.SIGTERM, time_is_up)  # `timeout` stops a long GPU run: report what it measured
+    # `timeout` stops a long GPU run: report what it measured
+    previous = signal.signal(signal.SIGTERM, time_is_up)
     try:
         with torch.no_grad():
             for run in range(args.runs + 1):  # alternating: every variant once per run
@@ -306,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     for (job, name), error in failed.items():
         print(json.dumps({"measure": job[0], "impl": name, "error": error}), flush=True)
 
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    card = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({torch.get_num_threads()} threads)")
     rows = []
     for job, tokens in jobs:
         eager = times.get(((job, tokens), "transformers-eager"))
@@ -315,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
             if not times.get(((job, tokens), name)) or ((job, tokens), name) in failed:
                 continue
             median = statistics.median(times[((job, tokens), name)])
-            row = {"measure": job, "impl": name, "config": args.label or args.checkpoint or args.config, "device": card,
-                   "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            row = {"measure": job, "impl": name, "config": args.label or args.checkpoint or args.config,
+                   "device": card, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
                    "tokens": tokens, "median_s": round(median, 5), "tokens_per_s": round(tokens / median, 2),
                    "ms_per_token": round(1000 * median / tokens, 3),
                    "runs_s": [round(t, 5) for t in times[((job, tokens), name)]],
@@ -325,14 +338,15 @@ def main(argv: list[str] | None = None) -> None:
                    "peak_memory_bytes": peaks.get(((job, tokens), name)), "weights_bytes": sizes[name][0]}
             if job == "decode_cached":
                 first = times.get((("first_token", 1), name))
-                row.update(decode_figures(median, statistics.median(first) if first else None, tokens, sizes[name][1],
-                                          bandwidth))
+                row.update(decode_figures(median, statistics.median(first) if first else None, tokens,
+                                          sizes[name][1], bandwidth))
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.markdown and rows:  # none when every variant failed, or the time was up in the warm-up
         done = sorted({len(r["runs_s"]) for r in rows})
         runs_done = f"{done[0]}" if len(done) == 1 else f"{done[0]} to {done[-1]}"
-        write_markdown(args.markdown, rows, f"stopped by its timeout after {runs_done} of {args.runs} runs" if stopped else "")
+        write_markdown(args.markdown, rows,
+                       f"stopped by its timeout after {runs_done} of {args.runs} runs" if stopped else "")
     if args.profile and not stopped:
         write_profile(args.profile, ours, prompt, device)
 

@@ -19,7 +19,8 @@ from .errors import Phi3Error, is_integer, type_name
 ATTENTION_KERNELS = ("eager", "sdpa")  # the names of model.py's attention functions (ATTENTION)
 
 
-def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention_mask, weight: torch.Tensor) -> None:
+def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention_mask,
+                 weight: torch.Tensor) -> None:
     """Refuse input the model cannot run, with the reason: once per public call, never per decode step.
 
     - Checking the id range and the mask's values reads a few numbers back from the device.
@@ -34,12 +35,14 @@ def check_inputs(config: Phi3Config, input_ids, cache: KVCache | None, attention
         cache.check_room(B, T)
         if cache.static:
             if attention_mask is not None:
-                raise Phi3Error("a static cache keeps its own padding mask (cache.real); pass attention_mask=None")
+                raise Phi3Error("a static cache keeps its own padding mask (cache.real); "
+                                "pass attention_mask=None")
             return
         past = cache.length
         if attention_mask is None and cache.padded:
-            raise Phi3Error(f"the cache holds a left-padded batch: pass attention_mask of shape (batch, cached + new) "
-                            f"= {(B, past + T)} on every call, or the padded keys would be attended to")
+            raise Phi3Error(f"the cache holds a left-padded batch: pass attention_mask of shape "
+                            f"(batch, cached + new) = {(B, past + T)} on every call, "
+                            f"or the padded keys would be attended to")
     if past + T > config.max_position_embeddings:
         raise Phi3Error(
             f"sequence of {past + T} positions ({past} cached + {T} new) is longer than the "
@@ -55,16 +58,19 @@ def check_on_device(device: torch.device, **tensors) -> None:
     """Each tensor given (None: not given) on the model's device, or an error saying where to move it."""
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device != device:
-            raise Phi3Error(f"{name} is on {t.device} but the model is on {device}: move it with .to({str(device)!r})")
+            raise Phi3Error(f"{name} is on {t.device} but the model is on {device}: "
+                            f"move it with .to({str(device)!r})")
 
 
 def check_cache(cache, config: Phi3Config, weight: torch.Tensor) -> None:
     """A KVCache made for this model: its layers, kv heads, head size, dtype and device."""
     if not isinstance(cache, KVCache):
-        raise Phi3Error(f"cache must be a KVCache (model.new_cache(batch_size, max_len=...)), got {type(cache).__name__}")
+        raise Phi3Error(f"cache must be a KVCache (model.new_cache(batch_size, max_len=...)), "
+                        f"got {type(cache).__name__}")
     keys = cache.keys[0]
     have = (len(cache.keys), keys.shape[1], keys.shape[3], str(keys.dtype), str(keys.device))
-    want = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, str(weight.dtype), str(weight.device))
+    want = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, str(weight.dtype),
+            str(weight.device))
     if have != want:
         fields = "(layers, kv heads, head size, dtype, device)"
         raise Phi3Error(f"the cache does not fit this model: its {fields} are {have}, the model's {want}; "
@@ -112,13 +118,15 @@ def check_attention_kernel(kernel) -> None:
 
 def check_logits_to_keep(logits_to_keep) -> None:
     if not is_integer(logits_to_keep) or logits_to_keep < 0:
-        raise Phi3Error(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
+        raise Phi3Error(f"logits_to_keep must be an integer >= 0 (0 keeps every position), "
+                        f"got {logits_to_keep!r}")
 
 
 def check_new_cache(config: Phi3Config, batch_size, max_len) -> None:
     """Arguments of model.new_cache: a positive batch size, a length the model has positions for."""
     if not is_integer(batch_size) or batch_size < 1:
-        raise Phi3Error(f"batch_size must be a positive integer, got {batch_size!r} ({type_name(batch_size)})")
+        raise Phi3Error(f"batch_size must be a positive integer, "
+                        f"got {batch_size!r} ({type_name(batch_size)})")
     if not is_integer(max_len) or not 0 < max_len <= config.max_position_embeddings:
         raise Phi3Error(
             f"max_len must be an integer in 1..max_position_embeddings={config.max_position_embeddings}, "
@@ -134,9 +142,11 @@ def check_greedy_decode(config: Phi3Config, input_ids, max_new_tokens, device: t
         raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     fed = T + max_new_tokens - 1  # the last new token is returned, never fed back
     if fed > config.max_position_embeddings:
-        raise Phi3Error(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} - 1 = {fed} positions, more than "
-                        f"the model's max_position_embeddings {config.max_position_embeddings}")
+        raise Phi3Error(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} - 1 = {fed} positions, "
+                        f"more than the model's max_position_embeddings {config.max_position_embeddings}")
     if config.rope_type == "longrope" and fed > config.original_max_position_embeddings:
-        raise Phi3Error(f"{fed} positions pass LongRoPE's original context ({config.original_max_position_embeddings}),"
-                        f" where every cached key must be rotated again: greedy_decode keeps one cache, so use "
-                        f"generate(model, input_ids, max_new_tokens, eos_token_id=[]), which starts over there")
+        raise Phi3Error(f"{fed} positions pass LongRoPE's original context "
+                        f"({config.original_max_position_embeddings}), where every cached key must be "
+                        f"rotated again: greedy_decode keeps one cache, so use "
+                        f"generate(model, input_ids, max_new_tokens, eos_token_id=[]), "
+                        f"which starts over there")

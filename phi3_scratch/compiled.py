@@ -47,7 +47,8 @@ def compiled_step(device: torch.device):
         # with which inductor turns each (1, H) x (H, N) product into a reduction kernel tuned for
         # this shape instead of calling cuBLAS (on an H200: 3.47 ms a step against ~3.6 with cuBLAS,
         # docs/SPEED.md). Both cost compile time: about a minute for Phi-3-mini.
-        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if device.type == "cuda" else None
+        options = ({"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+                   if device.type == "cuda" else None)
         _compiled[device.type] = torch.compile(decode_step, options=options, fullgraph=True, dynamic=False)
     return _compiled[device.type]
 
@@ -68,7 +69,8 @@ def static_cache(model, batch_size: int, needed: int) -> KVCache:
         held.keys[0].dtype == weight.dtype and held.keys[0].device == weight.device
     if not fits or held.in_use:  # too small, another kind, or in use by an open stream
         held = model.new_cache(batch_size, max_len=max_len, static=True)
-        model._static_cache = held  # a KVCache is no Module or tensor: a plain attribute, not in the state dict
+        # a KVCache is no Module or tensor: a plain attribute, not in the state dict
+        model._static_cache = held
     held.reset()
     return held
 
@@ -98,9 +100,10 @@ class CompiledDecoder:
             logits = self.step(self.model, token, self.cache)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(
-                f"compile=True: torch has compiled the decode step for {torch._dynamo.config.recompile_limit} "
-                f"shapes (batch size, cache length, dtype, model) in this process, its limit; this stream "
-                f"goes on uncompiled (raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset())",
+                f"compile=True: torch has compiled the decode step for "
+                f"{torch._dynamo.config.recompile_limit} shapes (batch size, cache length, dtype, model) "
+                f"in this process, its limit; this stream goes on uncompiled "
+                f"(raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset())",
                 stacklevel=2)
             self.step = decode_step  # the same step, run eagerly: the same tokens, without the speed
             logits = self.step(self.model, token, self.cache)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from .errors import Phi3Error, is_integer, is_number
 
-QUANTIZATIONS = ("int8", "int4")
-GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")  # in generation_config.json  # config.json's "quantization": quantize.py implements each
+QUANTIZATIONS = ("int8", "int4")  # config.json's "quantization": quantize.py implements each
+# Keys in generation_config.json.
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
 
 ROPE_TYPES = ("default", "longrope")
 # Older 128k checkpoints say "su"; transformers' Phi3Config maps "yarn" to longrope too (in Phi-3
@@ -56,7 +57,8 @@ class Phi3Config:
     stop_token_ids: list[int] | None = None  # what generate() stops at; None: eos_token_id's
     torch_dtype: str | None = None  # the weights' dtype as config.json names it ("bfloat16"), if it does
     quantization: str | None = None  # "int8" or "int4" for a checkpoint saved quantized (quantize.py)
-    # generation_config.json's generate settings (GENERATION_KEYS): transformers' names layer starts from them.
+    # generation_config.json's generate settings (GENERATION_KEYS): transformers' names layer starts
+    # from them.
     generation_defaults: dict = field(default_factory=dict)
     source: str = "<in memory>"  # the file this config was read from, for error messages
 
@@ -92,8 +94,9 @@ class Phi3Config:
 
     def validate(self) -> None:
         where = f"config {self.source}"
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                     "original_max_position_embeddings"):
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
                 raise Phi3Error(f"{where}: {name} must be a positive integer, got {value!r}")
@@ -133,10 +136,13 @@ class Phi3Config:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise Phi3Error(f"{where}: quantization must be null or {' or '.join(map(repr, QUANTIZATIONS))}, "
                             f"got {self.quantization!r}")
-        if self.sliding_window is not None and not (is_integer(self.sliding_window) and self.sliding_window >= 1):
-            raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
+        if self.sliding_window is not None and not (is_integer(self.sliding_window) and
+                                                    self.sliding_window >= 1):
+            raise Phi3Error(f"{where}: sliding_window must be null or an integer >= 1, "
+                            f"got {self.sliding_window!r}")
         if not isinstance(self.tie_word_embeddings, bool):
-            raise Phi3Error(f"{where}: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+            raise Phi3Error(f"{where}: tie_word_embeddings must be true or false, "
+                            f"got {self.tie_word_embeddings!r}")
         for name in ("rope_short_factor", "rope_long_factor"):
             factors = getattr(self, name) or []
             if not all(is_number(f) and f > 0 for f in factors):
@@ -145,7 +151,8 @@ class Phi3Config:
         for name in ("bos_token_id", "pad_token_id", "eos_token_id", "stop_token_ids"):
             value = getattr(self, name)
             if value is not None and not _is_ids(value):
-                raise Phi3Error(f"{where}: {name} must be null, a token id or a list of token ids, got {value!r:.100}")
+                raise Phi3Error(f"{where}: {name} must be null, a token id or a list of token ids, "
+                                f"got {value!r:.100}")
 
     # ----------------------------------------------------------------------------- reading
 
@@ -211,16 +218,18 @@ class Phi3Config:
         """config.json in the official on-disk format: from_dict(to_dict()) gives this config back, but for
         stop_token_ids (save_pretrained writes them to generation_config.json) and source."""
         d = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu"}
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings",
-                     "rms_norm_eps", "rope_theta", "partial_rotary_factor", "sliding_window", "tie_word_embeddings",
-                     "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "quantization"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                     "original_max_position_embeddings", "rms_norm_eps", "rope_theta",
+                     "partial_rotary_factor", "sliding_window", "tie_word_embeddings", "bos_token_id",
+                     "eos_token_id", "pad_token_id", "torch_dtype", "quantization"):
             d[name] = getattr(self, name)
         d["rope_scaling"] = None
         if self.rope_type == "longrope":
             d["rope_scaling"] = {"type": "longrope", "short_factor": self.rope_short_factor,
                                  "long_factor": self.rope_long_factor}
-            for key, value in (("attention_factor", self.rope_attention_factor), ("factor", self.rope_factor)):
+            for key, value in (("attention_factor", self.rope_attention_factor),
+                               ("factor", self.rope_factor)):
                 if value is not None:
                     d["rope_scaling"][key] = value
         return d
@@ -237,7 +246,8 @@ class Phi3Config:
         settings = read_json(generation, {})
         stop_ids = settings.get("eos_token_id")
         if stop_ids is not None and not _is_ids(stop_ids):
-            raise Phi3Error(f"{generation}: eos_token_id must be a token id or a list of token ids, got {stop_ids!r:.100}")
+            raise Phi3Error(f"{generation}: eos_token_id must be a token id or a list of token ids, "
+                            f"got {stop_ids!r:.100}")
         if _as_id_list(stop_ids):
             config.stop_token_ids = _as_id_list(stop_ids)
         config.generation_defaults = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}

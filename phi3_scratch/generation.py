@@ -51,8 +51,10 @@ def stream_tokens(
     compile=True runs each decode step as one compiled step (compiled.py; a CUDA graph on a GPU).
     """
     model = as_causal_lm(model, "generate(model, input_ids)")
-    stop_ids, pad_id = check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
-                                        temperature, top_k, top_p, seed, compile, pad_token_id)  # once, before the loop
+    # The input is checked once, before the loop.
+    stop_ids, pad_id = check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id,
+                                        attention_mask, temperature, top_k, top_p, seed, compile,
+                                        pad_token_id)
     B, T = input_ids.shape
     generator = None if seed is None else torch.Generator(device=input_ids.device).manual_seed(seed)
     # Every block of work runs in inference mode (no autograd records); the yields stay outside it,
@@ -101,14 +103,15 @@ def as_causal_lm(model, where: str) -> Phi3ForCausalLM:
     inner = getattr(model, "causal_lm", model)  # p3.AutoModelForCausalLM's model keeps the plain one there
     if not isinstance(inner, Phi3ForCausalLM):
         hint = " (the body, model.model: pass the whole model)" if isinstance(model, Phi3Model) else ""
-        raise Phi3Error(f"{where}: model must be this package's Phi3ForCausalLM (p3.Phi3ForCausalLM.from_pretrained), "
-                        f"got {type_name(model)}{hint}")
+        raise Phi3Error(f"{where}: model must be this package's Phi3ForCausalLM "
+                        f"(p3.Phi3ForCausalLM.from_pretrained), got {type_name(model)}{hint}")
     return inner
 
 
 def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask, temperature,
                      top_k, top_p, seed, compile, pad_token_id=None) -> tuple[list[int], int]:
-    """stream_tokens' arguments checked, with the reason for each refusal; returns the stop ids and the pad id."""
+    """stream_tokens' arguments checked, with the reason for each refusal; returns the stop ids and
+    the pad id."""
     config = model.config
     B, T = check_input_ids(input_ids, config.vocab_size)
     check_on_device(model.lm_head.weight.device, input_ids=input_ids, attention_mask=attention_mask)
@@ -116,24 +119,25 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
         raise Phi3Error(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if T + max_new_tokens - 1 > config.max_position_embeddings:  # the last new token is never fed back
         raise Phi3Error(
-            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} - 1 (the last new token is not fed back) = "
-            f"{T + max_new_tokens - 1} positions, more than the model's max_position_embeddings "
-            f"{config.max_position_embeddings}"
+            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} - 1 "
+            f"(the last new token is not fed back) = {T + max_new_tokens - 1} positions, "
+            f"more than the model's max_position_embeddings {config.max_position_embeddings}"
         )
     if attention_mask is not None:
         check_attention_mask(attention_mask, (B, T), "the shape of input_ids")
         if not bool(attention_mask[:, -1].all()):
-            raise Phi3Error("attention_mask: every row must end with a real token; pad on the left, not the right")
+            raise Phi3Error("attention_mask: every row must end with a real token; "
+                            "pad on the left, not the right")
     elif B > 1 and config.pad_token_id not in (None, config.bos_token_id) and \
-            bool((input_ids[:, 0] == config.pad_token_id).any()):  # (a pad id that is also BOS may start a row)
-        warn(f"input_ids: a row starts with the pad id {config.pad_token_id} and no attention_mask was given, so "
-             "padding is read as text; pass attention_mask (1 real token, 0 padding)")
+            bool((input_ids[:, 0] == config.pad_token_id).any()):  # a pad id that is also BOS may start a row
+        warn(f"input_ids: a row starts with the pad id {config.pad_token_id} and no attention_mask was "
+             "given, so padding is read as text; pass attention_mask (1 real token, 0 padding)")
     check_sampling(temperature, top_k, top_p, seed)
     ignored = [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p), ("seed", seed))
                if value is not None]
     if temperature == 0 and ignored:
-        warn(f"{', '.join(ignored)}: only sampling reads {'it' if len(ignored) == 1 else 'them'}, and temperature=0 "
-             "is greedy decoding; give a temperature > 0 to sample")
+        warn(f"{', '.join(ignored)}: only sampling reads {'it' if len(ignored) == 1 else 'them'}, and "
+             "temperature=0 is greedy decoding; give a temperature > 0 to sample")
     for name, flag in (("use_cache", use_cache), ("compile", compile)):
         if not isinstance(flag, bool):  # "no" would be true
             raise Phi3Error(f"{name} must be True or False, got {flag!r}")
@@ -157,12 +161,13 @@ def check_generation(model, input_ids, max_new_tokens, use_cache, eos_token_id, 
         pad_id, where = (stop_ids[0] if stop_ids else 0), "the pad id"
     # A row that stops early is fed the pad id while the others go on.
     if B > 1 and stop_ids and not 0 <= pad_id < config.vocab_size:
-        raise Phi3Error(f"{where}: {pad_id} is outside the vocabulary, 0..{config.vocab_size - 1}; a row that "
-                        f"stops before the others is filled with it (give pad_token_id=...)")
+        raise Phi3Error(f"{where}: {pad_id} is outside the vocabulary, 0..{config.vocab_size - 1}; "
+                        f"a row that stops before the others is filled with it (give pad_token_id=...)")
     return stop_ids, pad_id
 
 
-def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None, padding: int = 0) -> torch.Tensor:
+def next_logits(model, seq: torch.Tensor, cache, attention_mask, decoder=None,
+                padding: int = 0) -> torch.Tensor:
     """Logits (B, V) for the token after `seq` (B, L). The cache holds positions 0..L-2, so only
     seq[:, -1] runs (without a cache, all of seq).
 
@@ -197,11 +202,13 @@ def stop_id_list(eos_token_id) -> list[int]:
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None,
                    flags: bool = False) -> None:
-    """Refuse a sampling setting out of range. flags=True: the CLI's names (--top-p), where None is no value."""
+    """Refuse a sampling setting out of range. flags=True: the CLI's names (--top-p), where None is no
+    value."""
     name = (lambda arg: "--" + arg.replace("_", "-")) if flags else (lambda arg: arg)
     optional = "" if flags else " or None"
     if not is_number(temperature) or not 0 <= temperature < float("inf"):  # "not" also refuses NaN
-        raise Phi3Error(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+        raise Phi3Error(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), "
+                        f"got {temperature!r}")
     if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise Phi3Error(f"{name('top_k')} must be a positive integer{optional}, got {top_k!r}")
     if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
@@ -256,7 +263,8 @@ def generate(
     compile: bool = False,
     pad_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Greedy (or sampled) decoding. Returns the prompt and the new tokens, (B, T + new), new <= max_new_tokens."""
+    """Greedy (or sampled) decoding. Returns the prompt and the new tokens, (B, T + new),
+    new <= max_new_tokens."""
     new = list(stream_tokens(model, input_ids, max_new_tokens, use_cache, eos_token_id, attention_mask,
                              temperature, top_k, top_p, seed, compile, pad_token_id))
     return torch.cat([input_ids.long(), torch.stack(new, dim=1)], dim=1)

@@ -102,9 +102,9 @@ def _download(repo_id: str, files: list[str]) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise Phi3Error(
             f"there is no local folder {repo_id!r}, and it could not be downloaded as a Hugging Face repo "
-            f"({type(e).__name__}): no network, or offline mode, and no complete copy in the local cache. Download it on a "
-            "machine with a network (`hf download " + repo_id + "`) and pass the local folder "
-            "instead, e.g. from_pretrained('/path/to/" + repo_id.split("/")[-1] + "')"
+            f"({type(e).__name__}): no network, or offline mode, and no complete copy in the local cache. "
+            "Download it on a machine with a network (`hf download " + repo_id + "`) and pass the local "
+            "folder instead, e.g. from_pretrained('/path/to/" + repo_id.split("/")[-1] + "')"
         ) from None
 
 
@@ -112,7 +112,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise Phi3Error(f"device {device!r} is not a torch device; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+        raise Phi3Error(f"device {device!r} is not a torch device; "
+                        "expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise Phi3Error(f"device {str(device)!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -128,7 +129,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device,
+                  checkpoint_dtype: torch.dtype) -> torch.dtype:
     """None means the checkpoint's own dtype (bf16 for Phi-3) on a GPU and float32 on the CPU; "auto",
     as transformers' torch_dtype="auto", the checkpoint's own dtype everywhere."""
     if dtype is None:
@@ -139,7 +141,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, checkpo
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
-    raise Phi3Error(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}, 'auto' or a torch float dtype")
+    raise Phi3Error(f"dtype {dtype!r} is not supported; "
+                    f"expected one of {sorted(DTYPES)}, 'auto' or a torch float dtype")
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -149,9 +152,11 @@ def weight_files(folder: Path) -> list[str]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: a JSON list, not an object
-            raise Phi3Error(f"{index} is not a safetensors index (expected an object with a 'weight_map'): {e}") from None
+            raise Phi3Error(f"{index} is not a safetensors index "
+                            f"(expected an object with a 'weight_map'): {e}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise Phi3Error(f"{index}: weight_map must map tensor names to shard file names, got {weight_map!r:.200}")
+            raise Phi3Error(f"{index}: weight_map must map tensor names to shard file names, "
+                            f"got {weight_map!r:.200}")
         files = sorted(set(weight_map.values()))
         if not files:
             raise Phi3Error(f"{index} names no shard: its weight_map is empty")
@@ -194,11 +199,12 @@ def check_save_record(folder: Path, weight_files: list[str]) -> None:
     saved = ids - {None}
     if not saved:
         return
-    records = {name: read_json(folder / name).get(SAVE_KEY) for name in ("config.json", "generation_config.json")
-               if (folder / name).is_file()}
+    records = {name: read_json(folder / name).get(SAVE_KEY)
+               for name in ("config.json", "generation_config.json") if (folder / name).is_file()}
     if len(ids) > 1 or any(record not in saved for record in records.values()):
         found = ", ".join(f"{name} {record or 'none'}" for name, record in records.items())
-        raise Phi3Error(f"checkpoint {folder} is incomplete: its weights are from save {'/'.join(sorted(saved))}, "
+        raise Phi3Error(f"checkpoint {folder} is incomplete: "
+                        f"its weights are from save {'/'.join(sorted(saved))}, "
                         f"but the save ids of {found} differ. A save_pretrained was interrupted: save again")
 
 
@@ -257,12 +263,15 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
             names = list(f.keys())
         for name in names:
             if name == "lm_head.weight" and config.tie_word_embeddings:
-                stored_head = path  # some exports store the tied head too (Phi-4-mini): see keep_a_different_head
+                # Some exports store the tied head too (Phi-4-mini): see keep_a_different_head.
+                stored_head = path
                 continue
             if name not in expected:
-                raise Phi3Error(f"{path}: unexpected tensor {name!r}, which a Phi-3 model with this config does not have")
+                raise Phi3Error(f"{path}: unexpected tensor {name!r}, "
+                                "which a Phi-3 model with this config does not have")
             if name in loaded:  # which copy is meant? refuse rather than let the later file win
-                raise Phi3Error(f"{path}: tensor {name!r} was already loaded from another file of this checkpoint")
+                raise Phi3Error(f"{path}: tensor {name!r} was already loaded "
+                                "from another file of this checkpoint")
             # The file is opened (memory-mapped) again for each tensor: once the tensor is on the
             # GPU, closing the file takes its pages out of this process, so host memory holds
             # about one tensor at a time, not a whole shard.
@@ -270,19 +279,22 @@ def load_model(cls, path_or_repo_id, device="cpu", dtype=None, progress=None, at
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(expected[name]):
                     raise Phi3Error(
-                        f"{path}: tensor {name!r} has shape {shape}, but config.json implies {tuple(expected[name])}"
+                        f"{path}: tensor {name!r} has shape {shape}, "
+                        f"but config.json implies {tuple(expected[name])}"
                     )
                 try:
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
-                    raise Phi3Error(f"{path}: tensor {name!r} could not be read (truncated file?): {e}") from None
+                    raise Phi3Error(f"{path}: tensor {name!r} could not be read "
+                                    f"(truncated file?): {e}") from None
             # Floating point becomes the model's dtype; a saved quantized model's integers stay as they are.
-            meta_dtype = model.get_parameter(name).dtype  # the meta model's: int8 or uint8 where integers go
+            # The meta model's dtype: int8 or uint8 where integers go.
+            meta_dtype = model.get_parameter(name).dtype
             want = dtype if meta_dtype.is_floating_point or name in to_quantize else meta_dtype
             if tensor.dtype != want and not (tensor.is_floating_point() and want.is_floating_point):
                 quantization = f" (quantization: {saved})" if saved else ""
-                raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, but config.json{quantization} "
-                                f"implies {want}")
+                raise Phi3Error(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
+                                f"but config.json{quantization} implies {want}")
             placed = tensor.to(device=device, dtype=want)
             check_finite(placed, path, name, tensor.dtype)
             del tensor  # on a GPU load: the host copy goes now
@@ -316,7 +328,8 @@ def check_finite(tensor: torch.Tensor, path: Path, name: str, stored: torch.dtyp
     if not (math.isfinite(lo) and math.isfinite(hi)):
         converted = "" if tensor.dtype == stored else \
             f" once converted from {stored} to {tensor.dtype} (largest {torch.finfo(tensor.dtype).max:g})"
-        raise Phi3Error(f"{path}: tensor {name!r} holds NaN or infinite values{converted}: min {lo}, max {hi}")
+        raise Phi3Error(f"{path}: tensor {name!r} holds NaN or infinite values{converted}: "
+                        f"min {lo}, max {hi}")
 
 
 def keep_a_different_head(model: nn.Module, path: Path, dtype: torch.dtype, quantize: str | None) -> None:
@@ -342,8 +355,9 @@ def keep_a_different_head(model: nn.Module, path: Path, dtype: torch.dtype, quan
     tensor = stored.to(device=embedding.device, dtype=dtype)
     check_finite(tensor, path, "lm_head.weight", stored.dtype)  # as every other tensor is checked
     del stored
-    warn(f"{path}: config.json ties the head to the embedding (tie_word_embeddings), but this checkpoint also "
-         f"stores an lm_head.weight that differs from it: the stored head is used, untied, as in transformers")
+    warn(f"{path}: config.json ties the head to the embedding (tie_word_embeddings), "
+         f"but this checkpoint also stores an lm_head.weight that differs from it: "
+         f"the stored head is used, untied, as in transformers")
     model.config.tie_word_embeddings = False
     if quantize:  # an untied head is quantized like the layers' matrices (quantize.quantized_names)
         swap_in(model, "lm_head", quantize, dtype)[1].set_weight(tensor)
@@ -361,7 +375,8 @@ def finish_meta_model(model: nn.Module, device: torch.device) -> None:
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Make `tensor` itself (no copy) the parameter called `name`, e.g. model.layers.0.mlp.down_proj.weight."""
+    """Make `tensor` itself (no copy) the parameter called `name`,
+    e.g. model.layers.0.mlp.down_proj.weight."""
     module_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
 

@@ -104,8 +104,8 @@ class Phi3ForCausalLM(nn.Module):
         an offset per group of 128 inputs (quantize.py)."""
         from .loading import load_model
 
-        return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress, attention=attention,
-                          quantize=quantize)
+        return load_model(cls, path_or_repo_id, device=device, dtype=dtype, progress=progress,
+                          attention=attention, quantize=quantize)
 
     def save_pretrained(self, folder) -> None:
         """Write config.json, generation_config.json and model.safetensors (a quantized model as it is).
@@ -145,14 +145,16 @@ class Phi3Model(nn.Module):
         else:
             slots, S = cache.slots(T, device), cache.key_slots(T)  # after the cached positions
         real = cache.real if cache is not None and cache.static else attention_mask  # (B, S) or None
-        positions, mask = positions_and_mask(slots, S, real, self.config.sliding_window, B)  # (B, T), (B, T, S)
+        # positions (B, T), mask (B, T, S)
+        positions, mask = positions_and_mask(slots, S, real, self.config.sliding_window, B)
 
         probe = self.probe
         tap = untouched if probe is None else probe.begin(positions=positions, mask=mask)  # a new pass
         h = tap("embed", self.embed_tokens(input_ids))  # (B, T, H)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (B, T, rotary_dim) each
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, slots, None if probe is None else probe.layers[i])  # (B, T, H)
+            h = layer(h, cos, sin, mask, cache, slots,
+                      None if probe is None else probe.layers[i])  # (B, T, H)
         if cache is not None:
             cache.advance(T)
         return tap("final_norm", self.norm(h))  # (B, T, H)
@@ -221,7 +223,8 @@ class Phi3Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_split = (q_size, kv_size, kv_size)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)  # weight (H, nH*hd)
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)  # weight (nH*hd + 2*nKV*hd, H)
+        # weight (nH*hd + 2*nKV*hd, H)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.kernel = "eager"  # a key of ATTENTION
 
     def forward(
@@ -259,7 +262,8 @@ class Phi3MLP(nn.Module):
 
     def __init__(self, config: Phi3Config):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # weight (2I, H)
+        # weight (2I, H)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # weight (H, I)
         self.activation_fn = nn.SiLU()
 

@@ -5,7 +5,8 @@
 and the notebook's cells run unchanged (notebooks/phi3_notebook.ipynb is that notebook):
 
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, device_map="cuda", torch_dtype="auto", trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(name, device_map="cuda", torch_dtype="auto",
+                                                 trust_remote_code=False)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False,
                          max_new_tokens=200, do_sample=False)
     generator(prompt)[0]["generated_text"]
@@ -64,8 +65,9 @@ class Encoding(dict):
 
 def refuse(where: str, unsupported: dict) -> None:
     if unsupported:
-        raise Phi3Error(f"{where}: {', '.join(f'{k}={v!r:.40}' for k, v in unsupported.items())} is not supported "
-                        "by phi3_scratch's notebook layer; the plain API (phi3_scratch.generate, ...) says what is")
+        raise Phi3Error(f"{where}: {', '.join(f'{k}={v!r:.40}' for k, v in unsupported.items())} "
+                        "is not supported by phi3_scratch's notebook layer; "
+                        "the plain API (phi3_scratch.generate, ...) says what is")
 
 
 class NotebookTokenizer(Tokenizer):
@@ -87,8 +89,8 @@ class NotebookTokenizer(Tokenizer):
         refuse("apply_chat_template(...)", kwargs)
         if add_generation_prompt and continue_final_message:
             raise Phi3Error("apply_chat_template: add_generation_prompt=True and continue_final_message=True "
-                            "contradict each other: one starts a new assistant message, the other continues the "
-                            "last one; pass one of them")
+                            "contradict each other: one starts a new assistant message, "
+                            "the other continues the last one; pass one of them")
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
             isinstance(conversation[0], (list, tuple))
         texts = [Tokenizer.apply_chat_template(self, c, add_generation_prompt, continue_final_message)
@@ -152,7 +154,8 @@ class Body(Wrapper):
 
 
 class NotebookModel(Wrapper):
-    """A Phi3ForCausalLM with transformers' calling conventions; lm_head, config, parameters(), ... are the plain model's."""
+    """A Phi3ForCausalLM with transformers' calling conventions; lm_head, config, parameters(), ... are
+    the plain model's."""
 
     def __init__(self, model: Phi3ForCausalLM):
         super().__init__(model)
@@ -181,8 +184,8 @@ class NotebookModel(Wrapper):
         """
         refuse("model.generate", kwargs)
         if not isinstance(input_ids, torch.Tensor):
-            raise Phi3Error(f"model.generate: input_ids must be a tensor of token ids (B, T), got {input_ids!r:.60}"
-                            " (tokenizer(text, return_tensors='pt') makes one)")
+            raise Phi3Error(f"model.generate: input_ids must be a tensor of token ids (B, T), "
+                            f"got {input_ids!r:.60} (tokenizer(text, return_tensors='pt') makes one)")
         given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                  "top_k": top_k, "top_p": top_p, "num_return_sequences": num_return_sequences}
         s = generation_settings(self.causal_lm.config.generation_defaults,
@@ -223,12 +226,12 @@ def generation_settings(checkpoint: dict, given: dict) -> dict:
                   if k in given and given[k] != neutral]
         if unused:
             warn(f"{', '.join(unused)}: do_sample is False, so generation is greedy and only sampling reads "
-                 f"{'it' if len(unused) == 1 else 'them'}; pass do_sample=True to sample (transformers ignores "
-                 f"{'it' if len(unused) == 1 else 'them'} too)")
+                 f"{'it' if len(unused) == 1 else 'them'}; pass do_sample=True to sample "
+                 f"(transformers ignores {'it' if len(unused) == 1 else 'them'} too)")
         if s["num_return_sequences"] > 1:
-            raise Phi3Error(f"num_return_sequences={s['num_return_sequences']}: greedy decoding (do_sample=False) "
-                            "gives one sequence per prompt; pass do_sample=True for several (transformers refuses "
-                            "it too)")
+            raise Phi3Error(f"num_return_sequences={s['num_return_sequences']}: "
+                            "greedy decoding (do_sample=False) gives one sequence per prompt; "
+                            "pass do_sample=True for several (transformers refuses it too)")
     return s
 
 
@@ -236,12 +239,13 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(path_or_repo_id, device_map: str | None = None, torch_dtype=None, dtype=None,
                         trust_remote_code: bool = False, **kwargs) -> NotebookModel:
-        """device_map: one device ("cuda", "cpu", "auto"); torch_dtype (or dtype) "auto" keeps the checkpoint's."""
+        """device_map: one device ("cuda", "cpu", "auto"); torch_dtype (or dtype) "auto" keeps the
+        checkpoint's."""
         refuse("AutoModelForCausalLM.from_pretrained", kwargs)
         no_remote_code(trust_remote_code)
         if device_map is not None and not isinstance(device_map, (str, torch.device)):
-            raise Phi3Error(f"device_map={device_map!r:.60}: phi3_scratch puts the whole model on one device; "
-                            "give its name ('cuda', 'cpu' or 'auto')")
+            raise Phi3Error(f"device_map={device_map!r:.60}: phi3_scratch puts the whole model on one "
+                            "device; give its name ('cuda', 'cpu' or 'auto')")
         device = str(device_map or "cpu")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -251,5 +255,5 @@ class AutoModelForCausalLM:
 
 def no_remote_code(trust_remote_code: bool) -> None:
     if trust_remote_code:
-        raise Phi3Error("trust_remote_code=True: phi3_scratch never runs code from a checkpoint (it is Phi-3's "
-                        "code, written here); pass trust_remote_code=False")
+        raise Phi3Error("trust_remote_code=True: phi3_scratch never runs code from a checkpoint "
+                        "(it is Phi-3's code, written here); pass trust_remote_code=False")

@@ -44,7 +44,8 @@ class TextGenerationPipeline:
         settings = {**self.settings, **kwargs}
         if isinstance(inputs, str) or is_chat(inputs):
             return self.complete(inputs, settings)
-        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, str) or is_chat(x) for x in inputs):
+        if isinstance(inputs, (list, tuple)) and inputs and \
+                all(isinstance(x, str) or is_chat(x) for x in inputs):
             return [self.complete(x, settings) for x in inputs]
         raise Phi3Error(f"generator(inputs): expected a prompt string, a list of messages "
                         f"([{{'role': 'user', 'content': ...}}]) or a list of either, got {inputs!r:.80}")
@@ -53,8 +54,9 @@ class TextGenerationPipeline:
         """The pipeline for one prompt or one chat."""
         full_text, go_on = settings.get("return_full_text", True), settings.get("continue_final_message")
         if not isinstance(full_text, bool) or not (go_on is None or isinstance(go_on, bool)):
-            raise Phi3Error(f"return_full_text must be True or False and continue_final_message True, False or "
-                            f"None, got {full_text!r:.40} and {go_on!r:.40}")
+            raise Phi3Error(f"return_full_text must be True or False "
+                            f"and continue_final_message True, False or None, "
+                            f"got {full_text!r:.40} and {go_on!r:.40}")
         model = self.model.causal_lm
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
@@ -80,7 +82,8 @@ class TextGenerationPipeline:
         return results
 
     def generate_settings(self, settings: dict) -> dict:
-        """model.generate's arguments: the user's, then PIPELINE_DEFAULTS where neither user nor checkpoint set one."""
+        """model.generate's arguments: the user's, then PIPELINE_DEFAULTS where neither user nor
+        checkpoint set one."""
         given = {k: settings[k] for k in GENERATE if k in settings}
         set_before = {**self.model.causal_lm.config.generation_defaults, **given}
         added = {k: v for k, v in PIPELINE_DEFAULTS.items() if k not in set_before}
@@ -96,12 +99,14 @@ def is_chat(value) -> bool:
 
 
 def pipeline(task: str, model=None, tokenizer=None, **settings) -> TextGenerationPipeline:
-    """transformers' pipeline("text-generation", model=..., tokenizer=..., **settings); see this module's docstring."""
+    """transformers' pipeline("text-generation", model=..., tokenizer=..., **settings); see this
+    module's docstring."""
     if task != "text-generation":
         raise Phi3Error(f"pipeline({task!r}): phi3_scratch has the 'text-generation' pipeline only")
     if model is None:
         raise Phi3Error("pipeline('text-generation', ...): give model= (and tokenizer=)")
-    if isinstance(model, (str, os.PathLike)):  # a folder or repo id, as transformers' pipeline takes: load both
+    # A folder or repo id, as transformers' pipeline takes: load both.
+    if isinstance(model, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(model) if tokenizer is None else tokenizer
         model = AutoModelForCausalLM.from_pretrained(model)
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -109,6 +114,7 @@ def pipeline(task: str, model=None, tokenizer=None, **settings) -> TextGeneratio
     if isinstance(model, Phi3ForCausalLM):
         model = NotebookModel(model)
     if not isinstance(model, NotebookModel) or not isinstance(tokenizer, Tokenizer):
-        raise Phi3Error(f"pipeline('text-generation', ...): model= and tokenizer= must be a model and a tokenizer "
-                        f"(or a folder or repo id), got {type(model).__name__} and {type(tokenizer).__name__}")
+        raise Phi3Error(f"pipeline('text-generation', ...): model= and tokenizer= must be a model and "
+                        f"a tokenizer (or a folder or repo id), "
+                        f"got {type(model).__name__} and {type(tokenizer).__name__}")
     return TextGenerationPipeline(model, tokenizer, **settings)

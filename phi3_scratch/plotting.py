@@ -72,7 +72,8 @@ def _check_index(name: str, value, count: int) -> int:
     return value
 
 
-def attention_maps(t, layer: int | str, head: int | None = None, row: int = 0) -> list[tuple[str, torch.Tensor]]:
+def attention_maps(t, layer: int | str, head: int | None = None,
+                   row: int = 0) -> list[tuple[str, torch.Tensor]]:
     """(title, probabilities (T, S) fp32 on the CPU) for each map to draw, from batch row `row`.
 
     layer=i, head=h: that head alone; layer=i, head=None: every head of layer i;
@@ -81,7 +82,8 @@ def attention_maps(t, layer: int | str, head: int | None = None, row: int = 0) -
     num_layers = len(t.layers)
     if layer == "all":
         if head is not None:
-            raise Phi3Error(f"head must be None when layer='all' (each map is the mean of a layer's heads), got {head!r}")
+            raise Phi3Error("head must be None when layer='all' (each map is the mean of a layer's heads), "
+                            f"got {head!r}")
         layers = list(range(num_layers))
     else:
         if isinstance(layer, str):
@@ -91,7 +93,8 @@ def attention_maps(t, layer: int | str, head: int | None = None, row: int = 0) -
     for i in layers:
         probs = t.layers[i].get("attn_probs")  # (B, nH, T, S)
         if probs is None:
-            raise Phi3Error(f"the trace holds no attn_probs for layer {i}: run the model inside `with trace(model)` "
+            raise Phi3Error(f"the trace holds no attn_probs for layer {i}: "
+                            "run the model inside `with trace(model)` "
                             f"(a trace made with only=... keeps them if 'attn_probs' is among its names)")
         probs = probs.detach().to(device="cpu", dtype=torch.float32, copy=True)
         b = _check_index("row", row, probs.shape[0])
@@ -134,7 +137,8 @@ def attention_figure(maps: list[tuple[str, torch.Tensor]], query_labels: list[st
             raise Phi3Error(f"map {title!r} must have shape (len(query_labels), len(key_labels)) = {(T, S)}, "
                             f"got {tuple(matrix.shape)}")
     if width_in is not None and not (is_number(width_in) and 0 < width_in <= MAX_WIDTH_IN):
-        raise Phi3Error(f"width_in must be a number of inches in (0, {MAX_WIDTH_IN:g}] or None, got {width_in!r}")
+        raise Phi3Error(f"width_in must be a number of inches in (0, {MAX_WIDTH_IN:g}] or None, "
+                        f"got {width_in!r}")
 
     cols = math.ceil(math.sqrt(len(maps)))
     rows = math.ceil(len(maps) / cols)

@@ -42,7 +42,8 @@ def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     sections = []
     for compile in (False, True):
-        run = lambda: p3.generate(model, prompt, 11, eos_token_id=[], compile=compile)  # prefill + 10 decode steps
+        # prefill + 10 decode steps
+        run = lambda: p3.generate(model, prompt, 11, eos_token_id=[], compile=compile)
         run()  # warm
         wall = timed(run, device)  # without the profiler, which slows the host down
         with profile(activities=activities) as prof:
@@ -55,8 +56,8 @@ def write_profile(path: Path, model, prompt: torch.Tensor, device: torch.device)
                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
         summary = f"wall time {1000 * wall:.1f} ms" + (f", GPU kernels {1000 * busy:.1f} ms" if busy else "")
         table = events.table(sort_by=sort, row_limit=15, max_name_column_width=60)
-        sections.append(f"## {'compiled' if compile else 'eager'}: prefill of {prompt.shape[1]} + 10 decode steps, "
-                        f"{summary}\n\n{table}")
+        sections.append(f"## {'compiled' if compile else 'eager'}: prefill of {prompt.shape[1]} "
+                        f"+ 10 decode steps, {summary}\n\n{table}")
     sections.append(step_anatomy(model, prompt, device))
     path.write_text("\n\n".join(sections))
 
@@ -113,9 +114,11 @@ def kernel_timeline(kernels: list[tuple[float, float, str]], steps: int) -> list
             end, last = stop, name
     idle = sum(gap for gap, _, _ in gaps)
     lines = [f"- kernels: {len(kernels) / steps:.0f} a step, running {busy / steps / 1000:.3f} ms a step, "
-             f"none running {idle / steps / 1000:.3f} ms a step (profiled; from the first kernel to the last)",
+             f"none running {idle / steps / 1000:.3f} ms a step "
+             "(profiled; from the first kernel to the last)",
              "", "The longest gaps with no kernel running (us; the kernel before -> the kernel after):", ""]
-    return lines + [f"    {gap:8.1f}  {before[:70]}  ->  {after[:70]}" for gap, before, after in sorted(gaps)[::-1][:15]]
+    return lines + [f"    {gap:8.1f}  {before[:70]}  ->  {after[:70]}"
+                    for gap, before, after in sorted(gaps)[::-1][:15]]
 
 
 def write_markdown(path: Path, rows: list[dict], stopped: str = "") -> None:
@@ -133,15 +136,17 @@ def write_markdown(path: Path, rows: list[dict], stopped: str = "") -> None:
         f"## {first['config']}, {first['dtype']}, {first['device']}, torch {first['torch']}, "
         f"{datetime.date.today().isoformat()}" + (f" ({stopped})" if stopped else ""),
         "",
-        "| measure | implementation | tokens/s | ms/token | x transformers eager | decode step ms | peak memory "
-        "| GB/s per step (fraction) | GB/s end to end (fraction) |",
+        "| measure | implementation | tokens/s | ms/token | x transformers eager | decode step ms "
+        "| peak memory | GB/s per step (fraction) | GB/s end to end (fraction) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "-"
         step = f"{r['decode_step_ms']:.2f}" if r.get("decode_step_ms") is not None else "-"
-        per_step = f"{r['step_gb_per_s']} ({r['step_bandwidth_fraction']:.0%})" if r.get("step_gb_per_s") is not None else "-"
-        end_to_end = f"{r['achieved_gb_per_s']} ({r['bandwidth_fraction']:.0%})" if "achieved_gb_per_s" in r else "-"
+        per_step = (f"{r['step_gb_per_s']} ({r['step_bandwidth_fraction']:.0%})"
+                    if r.get("step_gb_per_s") is not None else "-")
+        end_to_end = (f"{r['achieved_gb_per_s']} ({r['bandwidth_fraction']:.0%})"
+                      if "achieved_gb_per_s" in r else "-")
         ratio = f"{r['ratio_to_transformers_eager']:.2f}" if r["ratio_to_transformers_eager"] else "-"
         lines.append(f"| {r['measure']} | {r['impl']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
                      f"{ratio} | {step} | {peak} | {per_step} | {end_to_end} |")

@@ -23,9 +23,10 @@ unpacked by two bitwise operations and no interleaving.
 Compiled (`compile=True`), a decode step's one-row products become reduction kernels.
 They read the packed matrix and convert each entry as they go.
 A step then reads about a quarter (int8) or a seventh (int4, scales and offsets included) of fp32's bytes.
-Run eagerly, torch converts the whole matrix first: quantization saves memory there, not time. The embedding stays in the model's dtype (a decode step reads one row of
-it), and so do the norms. A quantized model is saved (`save_pretrained`, saving.py) with its integer
-weights, scales (and offsets) and a "quantization" entry in config.json, and loads back as it was saved.
+Run eagerly, torch converts the whole matrix first: quantization saves memory there, not time.
+The embedding stays in the model's dtype (a decode step reads one row of it), and so do the norms.
+A quantized model is saved (`save_pretrained`, saving.py) with its integer weights, scales (and
+offsets) and a "quantization" entry in config.json, and loads back as it was saved.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                    requires_grad=False)  # (out, in), -127..127
-        self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device), requires_grad=False)  # (out,)
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device),
+                                  requires_grad=False)  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if one_row_compiled(x):
-            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+            # (..., 1, in) * (out, in) -> (..., out)
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
             return y.to(x.dtype) * self.scale
         return F.linear(x, self.weight.to(x.dtype)) * self.scale  # (..., out): (x @ q^T) * s
 
@@ -83,15 +86,19 @@ class Int4Linear(nn.Module):
                             f"is not a multiple of {GROUP}")
         self.in_features, self.out_features = in_features, out_features
         groups = in_features // GROUP
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
-                                   requires_grad=False)  # (out, in / 2): two 4-bit numbers a byte
-        self.scale = nn.Parameter(torch.ones(out_features, groups, dtype=dtype, device=device), requires_grad=False)
-        self.offset = nn.Parameter(torch.zeros(out_features, groups, dtype=dtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+            requires_grad=False)  # (out, in / 2): two 4-bit numbers a byte
+        self.scale = nn.Parameter(torch.ones(out_features, groups, dtype=dtype, device=device),
+                                  requires_grad=False)
+        self.offset = nn.Parameter(torch.zeros(out_features, groups, dtype=dtype, device=device),
+                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, groups = self.scale.shape
         packed = self.weight.view(out, groups, GROUP // 2)  # byte j of a group: inputs j and 64 + j
-        # n of each group's inputs 0..63 (the low 4 bits) and 64..127 (the high 4 bits): (out, groups, 64) each
+        # n of each group's inputs 0..63 (the low 4 bits) and 64..127 (the high 4 bits):
+        # (out, groups, 64) each
         first_half, second_half = packed & 15, packed >> 4
         scale, offset = self.scale[..., None], self.offset[..., None]  # (out, groups, 1)
         if one_row_compiled(x):
@@ -100,7 +107,8 @@ class Int4Linear(nn.Module):
             x_halves = x.reshape(groups, 2, GROUP // 2).float()  # each group's inputs 0..63 and 64..127
             w_first = first_half.float() * scale.float() + offset.float()  # (out, groups, 64)
             w_second = second_half.float() * scale.float() + offset.float()
-            y = (x_halves[:, 0] * w_first + x_halves[:, 1] * w_second).sum((-2, -1))  # (out,): one pass over the bytes
+            # (out,): one pass over the bytes
+            y = (x_halves[:, 0] * w_first + x_halves[:, 1] * w_second).sum((-2, -1))
             return y.to(x.dtype).view(*x.shape[:-1], out)
         n = torch.cat([first_half, second_half], dim=-1).to(x.dtype)  # (out, groups, 128), 0..15
         w = torch.addcmul(offset, n, scale)  # offset + n * scale, in one pass over the matrix
@@ -108,7 +116,8 @@ class Int4Linear(nn.Module):
 
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize the full-precision matrix w (out, in) into this module's tensors."""
-        self.weight, self.scale, self.offset = (nn.Parameter(t, requires_grad=False) for t in quantize_int4(w))
+        self.weight, self.scale, self.offset = (nn.Parameter(t, requires_grad=False)
+                                                for t in quantize_int4(w))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 in groups of {GROUP}"
@@ -135,7 +144,8 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     offset = w_min.to(w.dtype)
     scale = ((w_max - w_min) / 15).to(w.dtype)
     scale = scale.masked_fill(scale == 0, 1)
-    n = torch.round((grouped - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    n = torch.round((grouped - offset.float()[..., None]) /
+                    scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
     packed = n[..., : GROUP // 2] | (n[..., GROUP // 2 :] << 4)  # (out, groups, 64): inputs j and 64 + j
     return packed.view(out, n_in // 2), scale, offset
 
@@ -145,7 +155,8 @@ METHODS = QUANTIZATIONS  # the methods config.json may name, one module each in 
 
 
 def quantized_names(model) -> list[str]:
-    """The modules quantization replaces: the decoder layers' four matrices, and the head unless it is tied."""
+    """The modules quantization replaces: the decoder layers' four matrices, and the head unless it
+    is tied."""
     names = [f"model.layers.{i}.{m}" for i in range(len(model.model.layers)) for m in LAYER_MATRICES]
     return names + ([] if model.config.tie_word_embeddings else ["lm_head"])
 
@@ -159,7 +170,8 @@ def method_to_load(requested: str | None, saved: str | None, where) -> str | Non
     """The quantization a load ends with: a checkpoint saved quantized keeps its method, and asking
     for another is refused (its integers cannot be quantized again)."""
     if requested and saved and requested != saved:
-        raise Phi3Error(f"{where}: the checkpoint is quantized as {saved}; it cannot be loaded as {requested}")
+        raise Phi3Error(f"{where}: the checkpoint is quantized as {saved}; "
+                        f"it cannot be loaded as {requested}")
     return requested or saved
 
 
@@ -176,7 +188,8 @@ def swap_in(model, name: str, method: str, dtype: torch.dtype) -> tuple[nn.Modul
 
 
 def use_quantized_modules(model, method: str, dtype: torch.dtype) -> None:
-    """Swap each quantized nn.Linear for an empty module of `method` of its shape, on the same device (meta included)."""
+    """Swap each quantized nn.Linear for an empty module of `method` of its shape, on the same device
+    (meta included)."""
     for name in quantized_names(model):
         swap_in(model, name, method, dtype)
 
@@ -186,7 +199,8 @@ def quantize_model(model, method: str = "int8"):
     """Quantize a loaded model in place (each matrix replaced as it is done); returns the model."""
     check_method(method)
     if model.config.quantization not in (None, method):
-        raise Phi3Error(f"the model is quantized as {model.config.quantization}; it cannot be quantized as {method}")
+        raise Phi3Error(f"the model is quantized as {model.config.quantization}; "
+                        f"it cannot be quantized as {method}")
     for name in quantized_names(model):
         if not isinstance(model.get_submodule(name), LINEAR[method]):
             old, new = swap_in(model, name, method, model.get_submodule(name).weight.dtype)

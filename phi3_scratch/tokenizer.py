@@ -54,8 +54,8 @@ CHAT_TEMPLATE_PHI3 = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 # Unicode White_Space, what tokenizers' lstrip/rstrip test (str.isspace would add \x1c-\x1f).
-WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
-    "\u2028\u2029\u202f\u205f\u3000"
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008" \
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 LEADING_WHITESPACE = re.compile(f"[{re.escape(WHITESPACE)}]*")
 CONTINUE_MARK = "PHI3_SCRATCH_CONTINUE_HERE "  # apply_chat_template cuts the text here to continue a message
 
@@ -73,8 +73,8 @@ class Tokenizer:
     """A sentencepiece model (Phi-3) or a byte-level BPE (Phi-4, bpe.py), plus the added tokens and
     settings of tokenizer_config.json."""
 
-    def __init__(self, model: spm.SentencePieceProcessor | ByteLevelBPE, added: list[AddedToken], config: dict,
-                 chat_template: str | None = None):
+    def __init__(self, model: spm.SentencePieceProcessor | ByteLevelBPE, added: list[AddedToken],
+                 config: dict, chat_template: str | None = None):
         self.files: dict[str, bytes] = {}  # the files from_pretrained read: what save_pretrained writes
         if isinstance(model, ByteLevelBPE):  # Phi-4: no sentencepiece, no byte pieces, no "▁"
             self._sp, self._bpe = None, model
@@ -82,7 +82,8 @@ class Tokenizer:
             return
         self._sp = sp = model
         self._bpe = None
-        self._setup(added, config, chat_template, sp.get_piece_size(), (sp.bos_id(), sp.eos_id(), sp.pad_id()))
+        self._setup(added, config, chat_template, sp.get_piece_size(),
+                    (sp.bos_id(), sp.eos_id(), sp.pad_id()))
         # For decoding: the text of every id (None in gaps between ids), and the byte of each "<0xNN>" piece.
         self._text: list[str | None] = [None] * self.vocab_size
         self._byte: dict[int, int] = {}
@@ -105,14 +106,18 @@ class Tokenizer:
         self.add_bos, self.add_eos = config.get("add_bos_token", False), config.get("add_eos_token", False)
         # Token strings are "<s>" or {"content": "<s>", ...}; the template sees them as strings.
         names = {key: config.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self._names = {k: v.get("content") if isinstance(v, dict) else v for k, v in names.items() if v is not None}
+        self._names = {k: v.get("content") if isinstance(v, dict) else v
+                       for k, v in names.items() if v is not None}
         for key, content in self._names.items():
             if not isinstance(content, str):
-                raise Phi3Error(f"tokenizer_config.json: {key} is {content!r:.60}; expected a token string like '<s>'")
+                raise Phi3Error(f"tokenizer_config.json: {key} is {content!r:.60}; "
+                                "expected a token string like '<s>'")
         self.bos_token_id, self.eos_token_id, self.pad_token_id = (
-            self._named_id(key, default) for key, default in zip(("bos_token", "eos_token", "pad_token"), defaults))
+            self._named_id(key, default)
+            for key, default in zip(("bos_token", "eos_token", "pad_token"), defaults))
         self.chat_template = chat_template or config.get("chat_template") or CHAT_TEMPLATE_PHI3
-        # The environment transformers renders chat templates in (Hub templates are untrusted code: sandboxed).
+        # The environment transformers renders chat templates in
+        # (Hub templates are untrusted code: sandboxed).
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_exception
@@ -125,7 +130,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path) -> Tokenizer:
         """A folder with tokenizer.model (+ tokenizer_config.json), or a repo id to download."""
-        from .loading import TOKENIZER_FILES, resolve_checkpoint  # here, not at the top: loading imports torch
+        # Imported here, not at the top: loading imports torch.
+        from .loading import TOKENIZER_FILES, resolve_checkpoint
         from .saving import TOKENIZER_NAMES
 
         folder = resolve_checkpoint(path_or_repo_id, TOKENIZER_FILES, what="tokenizer folder")
@@ -139,8 +145,8 @@ class Tokenizer:
         elif bpe.is_file():  # Phi-4: tokenizer.json's byte-level BPE
             pieces = ByteLevelBPE.from_tokenizer_json(read_json(bpe), str(bpe))
         else:
-            raise Phi3Error(f"{model} not found, and no tokenizer.json: expected the sentencepiece model of a "
-                            "Phi-3 checkpoint, or the byte-level BPE tokenizer.json of a Phi-4 one")
+            raise Phi3Error(f"{model} not found, and no tokenizer.json: expected the sentencepiece model "
+                            "of a Phi-3 checkpoint, or the byte-level BPE tokenizer.json of a Phi-4 one")
         config = read_json(folder / "tokenizer_config.json", {})
         for key, kind in (("add_bos_token", bool), ("add_eos_token", bool), ("chat_template", str)):
             if config.get(key) is not None and not isinstance(config[key], kind):
@@ -229,7 +235,8 @@ class Tokenizer:
             raise Phi3Error(f"apply_chat_template(messages): expected a non-empty list of messages, "
                             f"got {messages!r:.100}")
         for n, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and
+                    isinstance(m.get("content"), str)):
                 raise Phi3Error(f"apply_chat_template(messages): message {n} is {m!r:.100}; "
                                 "expected a dict with a 'role' string and a 'content' string")
         if continue_final_message:
@@ -241,14 +248,16 @@ class Tokenizer:
         except TemplateError as e:
             raise Phi3Error(f"apply_chat_template(messages): the chat template refused them: {e}") from None
         except Exception as e:  # the template is code from the checkpoint: it can fail in any way
-            raise Phi3Error(f"apply_chat_template(messages): the chat template failed: {type(e).__name__}: {e}") from None
+            raise Phi3Error(f"apply_chat_template(messages): the chat template failed: "
+                            f"{type(e).__name__}: {e}") from None
         # Phi-3's templates write the roles they have a branch for and skip any other without a word
         # (Phi-3-medium's has no 'system'): say so instead.
         for n, m in enumerate(messages):
             if m["content"].strip() and m["content"].strip() not in text:
-                raise Phi3Error(f"apply_chat_template(messages): this checkpoint's chat template left out message {n} "
-                                f"(role {m['role']!r}): it writes only the roles it has a branch for; use one of "
-                                f"those (a system text can go into the first user message)")
+                raise Phi3Error(f"apply_chat_template(messages): this checkpoint's chat template "
+                                f"left out message {n} (role {m['role']!r}): it writes only the roles "
+                                f"it has a branch for; use one of those "
+                                f"(a system text can go into the first user message)")
         if continue_final_message:  # cut at the mark; a template that trims the message trims its spaces too
             at = text.rindex(CONTINUE_MARK.strip())
             text = text[:at] if text.startswith(CONTINUE_MARK, at) else text[:at].rstrip()
@@ -257,7 +266,8 @@ class Tokenizer:
     @property
     def stop_ids(self) -> list[int]:
         """Generation stops here: the eos token, <|end|> and <|assistant|> (a model starting a new turn)."""
-        ids = {self._added[c].id for c in ("<|end|>", "<|assistant|>") if c in self._added} | {self.eos_token_id}
+        ids = ({self._added[c].id for c in ("<|end|>", "<|assistant|>") if c in self._added} |
+               {self.eos_token_id})
         return sorted(ids - {None})
 
     def id_to_piece(self, i: int) -> str:
@@ -332,7 +342,8 @@ def _added_tokens(folder: Path, config: dict) -> list[AddedToken]:
     elif (folder / "added_tokens.json").is_file():
         where, raw = "added_tokens.json", read_json(folder / "added_tokens.json")
     else:
-        where, raw = "tokenizer.json: added_tokens", read_json(folder / "tokenizer.json", {}).get("added_tokens", [])
+        where, raw = ("tokenizer.json: added_tokens",
+                      read_json(folder / "tokenizer.json", {}).get("added_tokens", []))
     try:
         if where == "added_tokens.json":  # {content: id}, no flags: special, no stripping
             entries = [{"content": content, "id": i} for content, i in raw.items()]
@@ -345,7 +356,8 @@ def _added_tokens(folder: Path, config: dict) -> list[AddedToken]:
     except (TypeError, KeyError, ValueError, AttributeError):
         tokens = None
     if tokens is None or any(not isinstance(t.content, str) or not t.content or t.id < 0 or
-                             not all(isinstance(flag, bool) for flag in (t.special, t.lstrip, t.rstrip)) for t in tokens):
+                             not all(isinstance(flag, bool) for flag in (t.special, t.lstrip, t.rstrip))
+                             for t in tokens):
         raise Phi3Error(f"{folder}/{where} is {raw!r:.300}; expected entries like "
                         '{"content": "<|end|>", "id": 32007, "rstrip": true, "special": true}')
     return tokens

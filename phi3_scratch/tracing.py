@@ -154,12 +154,13 @@ def trace(model: Phi3ForCausalLM, only: set[str] | None = None):
         raise Phi3Error(f"trace(only=...) takes a set of names, e.g. {{{only!r}}}, got the string {only!r}")
     if only is not None:
         if not only:
-            raise Phi3Error("trace(only=...) is empty, so nothing would be recorded: give names, or None for all")
+            raise Phi3Error("trace(only=...) is empty, so nothing would be recorded: "
+                            "give names, or None for all")
         known = {*MODEL_NAMES, *LAYER_NAMES}
         if not set(only) <= known:
             unknown = sorted(set(only) - known, key=str)
-            raise Phi3Error(f"trace(only=...): {unknown} are not names a trace records; expected a set of bare "
-                            f"names (a layer's are kept in every layer) from {sorted(known)}")
+            raise Phi3Error(f"trace(only=...): {unknown} are not names a trace records; expected a set "
+                            f"of bare names (a layer's are kept in every layer) from {sorted(known)}")
         only = set(only)
     body = as_causal_lm(model, "trace(model)").model
     outer, body.probe = body.probe, Trace(len(body.layers), only)
@@ -223,13 +224,14 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
     """
     model = as_causal_lm(model, "compare_with_transformers(model, hf_model, input_ids)")
     if type(hf_model).__name__ != "Phi3ForCausalLM" or isinstance(hf_model, Phi3ForCausalLM):
-        raise Phi3Error(f"compare_with_transformers(model, hf_model, input_ids): hf_model must be transformers' "
-                        f"Phi3ForCausalLM, got {type_name(hf_model)}")
+        raise Phi3Error(f"compare_with_transformers(model, hf_model, input_ids): "
+                        f"hf_model must be transformers' Phi3ForCausalLM, got {type_name(hf_model)}")
     ours_shape, theirs_shape = shape_of(model.config), shape_of(hf_model.config)
     if ours_shape != theirs_shape:
-        fields = ", ".join(f"{k} {ours_shape[k]} vs {theirs_shape[k]}" for k in ours_shape if ours_shape[k] != theirs_shape[k])
-        raise Phi3Error(f"compare_with_transformers: the two models have different shapes (ours vs transformers'): "
-                        f"{fields}; load both from one checkpoint")
+        fields = ", ".join(f"{k} {ours_shape[k]} vs {theirs_shape[k]}" for k in ours_shape
+                           if ours_shape[k] != theirs_shape[k])
+        raise Phi3Error(f"compare_with_transformers: the two models have different shapes "
+                        f"(ours vs transformers'): {fields}; load both from one checkpoint")
     check_input_ids(input_ids, model.config.vocab_size)
     weight = model.model.embed_tokens.weight
     check_on_device(weight.device, input_ids=input_ids)
@@ -238,11 +240,12 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
         raise Phi3Error(f"tolerance must be a positive number (a relative difference), got {tolerance!r}")
     theirs_dtype = next(hf_model.parameters()).dtype
     if theirs_dtype != weight.dtype:
-        raise Phi3Error(f"the two models run in different dtypes, ours {weight.dtype} and transformers' {theirs_dtype}: "
-                        f"every tensor would differ by the rounding; load both in one dtype")
+        raise Phi3Error(f"the two models run in different dtypes, ours {weight.dtype} and transformers' "
+                        f"{theirs_dtype}: every tensor would differ by the rounding; load both in one dtype")
     if getattr(hf_model.config, "_attn_implementation", None) != "eager":
-        raise Phi3Error("compare_with_transformers needs transformers' model with attn_implementation='eager' "
-                        f"(it returns its attention probabilities), got {hf_model.config._attn_implementation!r}")
+        raise Phi3Error("compare_with_transformers needs transformers' model with "
+                        "attn_implementation='eager' (it returns its attention probabilities), "
+                        f"got {hf_model.config._attn_implementation!r}")
     theirs, handles = {}, []
     for name, module_name in _expand(HF_HOOKS, len(model.model.layers)).items():
         def keep(module, args, output, name=name):  # name=name: bind this loop's name, not the last one
@@ -280,8 +283,8 @@ def compare_with_transformers(model: Phi3ForCausalLM, hf_model, input_ids: torch
 
 def shape_of(config) -> dict:
     """The config fields that decide the tensors compared (both libraries' configs have them)."""
-    names = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-             "vocab_size")
+    names = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+             "num_key_value_heads", "vocab_size")
     return {name: getattr(config, name, None) for name in names}
 
 
@@ -299,6 +302,7 @@ def format_comparison(rows: list[dict], tolerance: float) -> str:
         mark = f"   <-- first above {tolerance:g}" if r["first_bad"] else ("   above" if not r["ok"] else "")
         lines.append(f"{r['name']:28s}{str(r['shape']):>18s}{r['max_abs']:>13.3e}{r['rel']:>11.2e}{mark}")
     bad = [r for r in rows if not r["ok"]]
-    lines.append(f"{len(rows)} tensors compared, tolerance {tolerance:g} (relative to each tensor's largest value): "
+    lines.append(f"{len(rows)} tensors compared, tolerance {tolerance:g} "
+                 f"(relative to each tensor's largest value): "
                  + (f"{len(bad)} above, first {bad[0]['name']}" if bad else "all within"))
     return "\n".join(lines)

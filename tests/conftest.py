@@ -71,7 +71,9 @@ INLINE = {
 
 
 def needs_fixture(path: Path):
-    return pytest.mark.skipif(not path.exists(), reason=f"fixture {path} is absent (it ships in the dev workspace's shared/fixtures)")
+    return pytest.mark.skipif(not path.exists(),
+                              reason=f"fixture {path} is absent "
+                                     "(it ships in the dev workspace's shared/fixtures)")
 
 
 def real_config(name: str) -> dict:
@@ -90,7 +92,8 @@ def scaled_config(name: str) -> dict:
     small = dict(real)
     small.update(
         vocab_size=256, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
     )
     scaling = real.get("rope_scaling")
     if scaling:  # LongRoPE: keep the real factor curves, sampled down to rotary_dim / 2 numbers
@@ -101,7 +104,8 @@ def scaled_config(name: str) -> dict:
             "short_factor": [scaling["short_factor"][i] for i in pick],
             "long_factor": [scaling["long_factor"][i] for i in pick],
         }
-        small.update(original_max_position_embeddings=SMALL_ORIGINAL_MAX, max_position_embeddings=4 * SMALL_ORIGINAL_MAX)
+        small.update(original_max_position_embeddings=SMALL_ORIGINAL_MAX,
+                     max_position_embeddings=4 * SMALL_ORIGINAL_MAX)
     else:
         small.update(original_max_position_embeddings=64, max_position_embeddings=64)
     if real["sliding_window"] is not None and real["sliding_window"] < real["max_position_embeddings"]:
@@ -141,7 +145,8 @@ def to_official_format(folder: Path, alias: str | None = None) -> None:
         d["partial_rotary_factor"] = rope["partial_rotary_factor"]
     d["rope_scaling"] = None
     if rope["rope_type"] == "longrope":
-        d["rope_scaling"] = {"type": alias or "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+        d["rope_scaling"] = {"type": alias or "longrope", "short_factor": rope["short_factor"],
+                             "long_factor": rope["long_factor"]}
     d["torch_dtype"] = d.pop("dtype", "float32")
     path.write_text(json.dumps(d, indent=2))
 

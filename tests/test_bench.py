@@ -10,16 +10,17 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-OURS = ("phi3_scratch", "phi3_scratch-sdpa", "phi3_scratch-compiled", "phi3_scratch-int8", "phi3_scratch-compiled-int8")
+OURS = ("phi3_scratch", "phi3_scratch-sdpa", "phi3_scratch-compiled", "phi3_scratch-int8",
+        "phi3_scratch-compiled-int8")
 THEIRS = ("transformers-eager", "transformers-sdpa", "transformers-compiled")
-KEYS = {"measure", "impl", "config", "device", "dtype", "torch", "tokens", "median_s", "tokens_per_s", "ms_per_token",
-        "runs_s", "ratio_to_transformers_eager", "peak_memory_bytes", "weights_bytes"}
+KEYS = {"measure", "impl", "config", "device", "dtype", "torch", "tokens", "median_s", "tokens_per_s",
+        "ms_per_token", "runs_s", "ratio_to_transformers_eager", "peak_memory_bytes", "weights_bytes"}
 
 
 def test_bench_script_prints_every_measurement(tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--config", "small", "--runs", "2", "--new-tokens", "4",
-                           "--prompt-len", "8", "--prefill", "16", "--markdown", str(markdown)],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--config", "small", "--runs", "2", "--new-tokens",
+                           "4", "--prompt-len", "8", "--prefill", "16", "--markdown", str(markdown)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
@@ -36,22 +37,28 @@ def test_bench_script_prints_every_measurement(tmp_path):
     table = markdown.read_text()
     assert table.count("| decode_cached |") == 8 and "torch " in table
     compiled = {r["impl"]: r["warmup_s"] for r in rows if r["measure"] == "first_token"}
-    assert compiled["transformers-compiled"] > 0 and compiled["phi3_scratch-compiled-int8"] > 0  # warm-up reported
+    # warm-up reported
+    assert compiled["transformers-compiled"] > 0 and compiled["phi3_scratch-compiled-int8"] > 0
     int8 = next(r for r in rows if r["impl"] == "phi3_scratch-int8" and r["measure"] == "decode_cached")
     full = next(r for r in rows if r["impl"] == "phi3_scratch" and r["measure"] == "decode_cached")
-    assert int8["weights_bytes"] < 0.6 * full["weights_bytes"]  # int8 matrices (a quarter of fp32), fp32 embedding
+    # int8 matrices (a quarter of fp32), fp32 embedding
+    assert int8["weights_bytes"] < 0.6 * full["weights_bytes"]
 
 
 def test_parity_script_reports_both_dtypes():
     """On a tied, grouped-query config: both models must share every weight, the head included."""
-    done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro-tied", "--seq-len", "16",
-                           "--paths", "eager", "compiled", "int8", "int4"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "parity.py"), "--config", "micro-tied",
+                           "--seq-len", "16",
+                           "--paths", "eager", "compiled", "int8", "int4"], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     rows = {(r["dtype"], r["path"]): r for r in map(json.loads, done.stdout.splitlines())}
     assert set(rows) == {(d, p) for d in ("fp32", "bf16") for p in ("eager", "compiled", "int8", "int4")}
     assert not [row for row in rows.values() if "error" in row]  # a failed path prints a row with its error
-    assert rows[("fp32", "int8")]["top1_agreement"] > 0.5 and rows[("fp32", "int8")]["max_abs_diff"] > 0  # reported
-    assert rows[("fp32", "int4")]["max_abs_diff"] > rows[("fp32", "int8")]["max_abs_diff"]  # 4 bits move logits more
+    # reported
+    assert rows[("fp32", "int8")]["top1_agreement"] > 0.5 and rows[("fp32", "int8")]["max_abs_diff"] > 0
+    # 4 bits move logits more
+    assert rows[("fp32", "int4")]["max_abs_diff"] > rows[("fp32", "int8")]["max_abs_diff"]
     for path in ("eager", "compiled"):
         fp32, bf16 = rows[("fp32", path)], rows[("bf16", path)]
         assert fp32["max_abs_diff"] < 1e-3 and fp32["top1_agreement"] == 1.0
@@ -72,7 +79,8 @@ def test_decode_figures_follow_from_the_timings():
     # On a busy machine the prefill's median can exceed the whole decode's: no negative step.
     busy = decode_figures(0.1, 0.12, 11, step_bytes=8_000_000, bandwidth=1e9)
     assert busy["decode_step_ms"] is None and busy["step_gb_per_s"] is None and busy["bandwidth_fraction"] > 0
-    assert decode_figures(0.5, 0.1, 11, 8_000_000, None) == {"decode_step_ms": 40.0}  # the CPU: no copy figure
+    # the CPU: no copy figure
+    assert decode_figures(0.5, 0.1, 11, 8_000_000, None) == {"decode_step_ms": 40.0}
 
 
 def test_bandwidth_columns_and_profile_on_the_cpu(monkeypatch, capsys, tmp_path):
@@ -80,8 +88,10 @@ def test_bandwidth_columns_and_profile_on_the_cpu(monkeypatch, capsys, tmp_path)
     from phi3_scratch import benchmark
 
     monkeypatch.setattr(benchmark, "copy_bandwidth", lambda device: 1e9)
-    benchmark.main(["--config", "micro", "--runs", "1", "--new-tokens", "3", "--prompt-len", "4", "--prefill", "8",
-                    "--transformers", "eager", "--ours", "phi3_scratch", "phi3_scratch-compiled-sdpa", "--profile", str(tmp_path / "profile.txt")])
+    benchmark.main(["--config", "micro", "--runs", "1", "--new-tokens", "3", "--prompt-len", "4", "--prefill",
+                    "8",
+                    "--transformers", "eager", "--ours", "phi3_scratch", "phi3_scratch-compiled-sdpa",
+                    "--profile", str(tmp_path / "profile.txt")])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     decode = [r for r in rows if r["measure"] == "decode_cached"]
     assert {r["impl"] for r in decode} == {"phi3_scratch", "phi3_scratch-compiled-sdpa", "transformers-eager"}
@@ -124,7 +134,8 @@ def test_a_benchmark_stopped_by_sigterm_reports_the_runs_it_finished(monkeypatch
 
     monkeypatch.setattr(benchmark, "timed", timed)
     benchmark.main(["--config", "micro", "--runs", "5", "--new-tokens", "2", "--prompt-len", "4", "--prefill",
-                    "--transformers", "eager", "--ours", "phi3_scratch", "--profile", str(tmp_path / "profile.txt")])
+                    "--transformers", "eager", "--ours", "phi3_scratch", "--profile",
+                    str(tmp_path / "profile.txt")])
     captured = capsys.readouterr()
     rows = {(r["measure"], r["impl"]): r for r in map(json.loads, captured.out.splitlines())}
     # 3 jobs x 2 implementations a run: run 0 (the warm-up) is calls 1-6; run 1 finished 3 before the 10th
@@ -137,7 +148,8 @@ def test_a_benchmark_stopped_by_sigterm_reports_the_runs_it_finished(monkeypatch
     assert not (tmp_path / "profile.txt").exists()
 
 
-def test_a_benchmark_stopped_in_its_warm_up_reports_nothing_and_writes_no_table(monkeypatch, capsys, tmp_path):
+def test_a_benchmark_stopped_in_its_warm_up_reports_nothing_and_writes_no_table(monkeypatch, capsys,
+                                                                                tmp_path):
     from phi3_scratch import benchmark
 
     calls = []
@@ -150,6 +162,7 @@ def test_a_benchmark_stopped_in_its_warm_up_reports_nothing_and_writes_no_table(
 
     monkeypatch.setattr(benchmark, "timed", timed)
     benchmark.main(["--config", "micro", "--runs", "2", "--new-tokens", "2", "--prompt-len", "4", "--prefill",
-                    "--transformers", "eager", "--ours", "phi3_scratch", "--markdown", str(tmp_path / "B.md")])
+                    "--transformers", "eager", "--ours", "phi3_scratch", "--markdown",
+                    str(tmp_path / "B.md")])
     captured = capsys.readouterr()
     assert captured.out == "" and "stopped by SIGTERM" in captured.err and not (tmp_path / "B.md").exists()

@@ -63,5 +63,6 @@ def test_cache_overflow_is_a_clear_error(checkpoints):
     assert cache.length == 6  # the failed call wrote nothing
     with pytest.raises(p3.Phi3Error, match="batch size 2 does not match the cache's batch size 1"):
         model(torch.randint(0, 256, (2, 1)), cache)
-    with pytest.raises(p3.Phi3Error, match=r"max_len must be an integer in 1..max_position_embeddings=64, got 65 \(int\)"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"max_len must be an integer in 1..max_position_embeddings=64, got 65 \(int\)"):
         model.new_cache(1, max_len=65)

@@ -66,9 +66,10 @@ def test_generate_prints_only_the_new_text_of_p3_generate(tiny, capsys, monkeypa
 
 
 def test_generate_with_chat_template_and_no_cache_agree(tiny, capsys):
-    _, cached, _ = run(capsys, "generate", "What does generate do?", "--chat", "--model", tiny, "--max-new-tokens", 20)
-    _, uncached, _ = run(capsys, "generate", "What does generate do?", "--chat", "--no-cache", "--model", tiny,
-                         "--max-new-tokens", 20)
+    _, cached, _ = run(capsys, "generate", "What does generate do?", "--chat", "--model", tiny,
+                       "--max-new-tokens", 20)
+    _, uncached, _ = run(capsys, "generate", "What does generate do?", "--chat", "--no-cache", "--model",
+                         tiny, "--max-new-tokens", 20)
     assert cached == uncached and len(cached) > 1
 
 
@@ -102,14 +103,15 @@ def test_bench_reports_both_runs(tiny, capsys):
 
 def test_bench_with_compile_adds_the_compiled_row(tiny, capsys):
     torch._dynamo.reset()
-    code, out, _ = run(capsys, "bench", "The", "--model", tiny, "--max-new-tokens", 8, "--runs", 1, "--compile")
+    code, out, _ = run(capsys, "bench", "The", "--model", tiny, "--max-new-tokens", 8, "--runs", 1,
+                       "--compile")
     assert code == 0
     assert re.search(r"cache, compiled\s+median\s+[\d.]+ s\s+[\d.]+ tokens/s", out)
 
 
 def test_bench_vs_transformers_prints_json_for_both(tiny, capsys):
-    code, out, _ = run(capsys, "bench", "The KV cache", "--model", tiny, "--vs-transformers", "--max-new-tokens", 3,
-                       "--runs", 1, "--prefill", 8)
+    code, out, _ = run(capsys, "bench", "The KV cache", "--model", tiny, "--vs-transformers",
+                       "--max-new-tokens", 3, "--runs", 1, "--prefill", 8)
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     impls = {r["impl"] for r in rows if r["measure"] == "decode_cached"}
@@ -142,7 +144,8 @@ def test_arch_counts_every_parameter(tiny, capsys):
     assert code == 0 and "(qkv_proj): Linear" in out and "(gate_up_proj): Linear" in out
     assert re.search(rf"total\s+{sum(p.numel() for p in model.parameters()):,}", out)
     c = model.config
-    assert f"{2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 / 1024:.1f} KiB per token" in out
+    assert (f"{2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 / 1024:.1f}"
+            " KiB per token") in out
 
 
 def test_arch_of_a_quantized_checkpoint_refuses_another_method(tiny, capsys, tmp_path):
@@ -150,7 +153,8 @@ def test_arch_of_a_quantized_checkpoint_refuses_another_method(tiny, capsys, tmp
     code, out, _ = run(capsys, "arch", "--model", tmp_path)
     assert code == 0 and "Int4Linear" in out
     code, _, err = run(capsys, "arch", "--model", tmp_path, "--quantize", "int8")  # as generate refuses it
-    assert code == 2 and err == f"error: {tmp_path}: the checkpoint is quantized as int4; it cannot be loaded as int8\n"
+    assert code == 2 and err == (f"error: {tmp_path}: the checkpoint is quantized as int4; "
+                                 "it cannot be loaded as int8\n")
 
 
 def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
@@ -159,11 +163,13 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": prompts.append(prompt) or next(lines))
     seen = []
     real_encode = Tokenizer.encode
-    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: seen.append(text) or real_encode(self, text, **kw))
+    monkeypatch.setattr(Tokenizer, "encode",
+                        lambda self, text, **kw: seen.append(text) or real_encode(self, text, **kw))
     code, out, err = run(capsys, "chat", "--model", tiny, "--max-new-tokens", 15)
     assert code == 0 and out.count("assistant> ") == 3 and "forgotten" in err
     chats = [t for t in seen if "<|user|>" in t]
-    assert chats[1].count("<|user|>") == 2 and chats[1].count("<|assistant|>") == 2  # the first reply + the new prompt
+    # the first reply + the new prompt
+    assert chats[1].count("<|user|>") == 2 and chats[1].count("<|assistant|>") == 2
     assert chats[2] == chats[0]  # after /reset the conversation starts over
 
 
@@ -171,12 +177,16 @@ def test_chat_keeps_history_and_resets(tiny, capsys, monkeypatch):
     "argv, message",
     [
         (["generate", "", "--model", "{tiny}"], "error: PROMPT is empty"),
-        (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"], "error: argument -n/--max-new-tokens/--max-tokens: expected a positive integer, got '0'"),
+        (["generate", "hi", "--model", "{tiny}", "--max-new-tokens", "0"],
+         "error: argument -n/--max-new-tokens/--max-tokens: expected a positive integer, got '0'"),
         (["generate", "hi", "--model", "no-such-model"], "error: checkpoint folder no-such-model not found"),
         (["generate", "hi", "--model", "{no_tokenizer}"], "tokenizer.model"),
-        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"], "error: --temperature must be a finite number >= 0"),
-        (["generate", "hi", "--model", "{tiny}", "--compile", "--no-cache"], "error: --compile compiles the cached decode step; it cannot be combined with --no-cache"),
-        (["generate", "hi", "--model", "{tiny}", "--attention", "flash"], "argument --attention: invalid choice"),
+        (["generate", "hi", "--model", "{tiny}", "--temperature", "-1"],
+         "error: --temperature must be a finite number >= 0"),
+        (["generate", "hi", "--model", "{tiny}", "--compile", "--no-cache"],
+         "error: --compile compiles the cached decode step; it cannot be combined with --no-cache"),
+        (["generate", "hi", "--model", "{tiny}", "--attention", "flash"],
+         "argument --attention: invalid choice"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(tiny, tmp_path, capsys, argv, message):
@@ -213,8 +223,10 @@ def test_tour_on_the_built_in_tiny_model_trains_nothing(tmp_path):
         assert f"== {heading}" in done.stdout
     assert "train" not in done.stderr and not any(tmp_path.iterdir())  # nothing trained, nothing downloaded
     model, tok = p3.Phi3ForCausalLM.from_pretrained("tiny"), Tokenizer.from_pretrained("tiny")
-    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": timing.TOUR_PROMPT}]))])
-    new = p3.generate(model, ids, 200, eos_token_id=sorted(set(model.config.stop_token_ids) | set(tok.stop_ids)))
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user",
+                                                             "content": timing.TOUR_PROMPT}]))])
+    new = p3.generate(model, ids, 200,
+                      eos_token_id=sorted(set(model.config.stop_token_ids) | set(tok.stop_ids)))
     answer = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
     assert f"only the new text ==\n{answer}\n" in done.stdout
 
@@ -253,8 +265,6 @@ def test_arch_of_a_family_model_needs_no_download(tmp_path):
 
 
 def test_chat_survives_a_too_long_message_and_ctrl_c(tiny, capsys, monkeypatch):
-    import phi3_scratch.cli as cli
-
     lines = iter(["word " * 300, "What does generate do?", "What does sample do?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     real, calls = common.stream_tokens, []
@@ -274,8 +284,6 @@ def test_chat_survives_a_too_long_message_and_ctrl_c(tiny, capsys, monkeypatch):
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_the_text(tiny, capsys, monkeypatch):
-    import phi3_scratch.cli as cli
-
     real = common.stream_tokens
 
     def interrupted(*args, **kwargs):
@@ -334,7 +342,8 @@ def test_attention_writes_the_picture(tiny, capsys, tmp_path):
     code, out, _ = run(capsys, "attention", "The model", "--model", tiny, "--layer", "all", "--out", out_file)
     assert code == 0 and out_file.stat().st_size > 0
     assert re.search(r"\(\d+x\d+ pixels\): layer 0, mean of 4 heads, .*layer 3, mean of 4 heads", out)
-    code, _, err = run(capsys, "attention", "The model", "--model", tiny, "--layer", "first", "--out", out_file)
+    code, _, err = run(capsys, "attention", "The model", "--model", tiny, "--layer", "first", "--out",
+                       out_file)
     assert code == 2 and "--layer must be a layer number or 'all', got 'first'" in err
 
 
@@ -343,7 +352,8 @@ def test_compare_command_prints_the_table(tiny, capsys):
     assert code == 0
     assert re.search(r"^embed\s", out, re.M) and re.search(r"^layers\.3\.residual\s", out, re.M)
     assert "all within" in out
-    # int8 against transformers' fp32: tensors above the tolerance, and the exit status says so, as diff's does
+    # int8 against transformers' fp32: tensors above the tolerance,
+    # and the exit status says so, as diff's does
     code, out, err = run(capsys, "compare", "--model", tiny, "--prompt", "The model", "--quantize", "int8")
     assert code == 1 and "<-- first above" in out and "this model's matrices are int8" in err
 
@@ -353,7 +363,8 @@ def test_compare_refuses_a_checkpoint_saved_quantized(tiny, capsys, tmp_path):
     p3.Phi3ForCausalLM.from_pretrained(tiny, quantize="int8").save_pretrained(tmp_path)
     code, out, err = run(capsys, "compare", "--model", tmp_path, "--tokenizer", "tiny")
     assert code == 2 and out == ""
-    assert err.startswith(f"error: compare: {tmp_path} is a checkpoint saved int8, which transformers cannot read")
+    assert err.startswith(f"error: compare: {tmp_path} is a checkpoint saved int8, which transformers cannot "
+                          "read")
 
 
 def test_step_stops_when_there_is_no_room_left(tiny, capsys, monkeypatch):
@@ -371,7 +382,8 @@ def test_prompt_as_argument_option_or_stdin(tiny, capsys, monkeypatch):
     base = ["generate", "--model", tiny, "-n", 12]
     positional = run(capsys, base[0], "Each decoder layer", *base[1:])[1]
     assert run(capsys, *base, "-p", "Each decoder layer")[1] == positional
-    monkeypatch.setattr("sys.stdin", io.StringIO("Each decoder layer\n"))  # as `echo ... |` sends it: the newline goes
+    # as `echo ... |` sends it: the newline goes
+    monkeypatch.setattr("sys.stdin", io.StringIO("Each decoder layer\n"))
     assert run(capsys, base[0], "-", *base[1:])[1] == positional
     monkeypatch.setattr("sys.stdin", io.StringIO("1\n"))
     code, _, err = run(capsys, "step", "-", "--model", tiny)  # its choices come from standard input
@@ -384,20 +396,23 @@ def test_prompt_as_argument_option_or_stdin(tiny, capsys, monkeypatch):
     assert run(capsys, "compare", "--model", tiny, "--prompt", "-")[1] == \
         run(capsys, "compare", "--model", tiny, "--prompt", "The model")[1]
     code, _, err = run(capsys, "generate", "hi", "--model", "")
-    assert code == 2 and err == "error: --model is empty: give a checkpoint folder, a Hugging Face repo id or 'tiny'\n"
+    assert code == 2 and err == ("error: --model is empty: give a checkpoint folder, "
+                                 "a Hugging Face repo id or 'tiny'\n")
 
 
 @pytest.mark.parametrize("flag", ["-n", "--max-tokens", "--max-new-tokens"])
 def test_max_tokens_aliases(tiny, capsys, monkeypatch, flag):
     asked = []
     real = common.stream_tokens
-    monkeypatch.setattr(common, "stream_tokens", lambda model, ids, n, *a, **k: asked.append(n) or real(model, ids, n, *a, **k))
+    monkeypatch.setattr(common, "stream_tokens",
+                        lambda model, ids, n, *a, **k: asked.append(n) or real(model, ids, n, *a, **k))
     assert run(capsys, "generate", "The", "--model", tiny, flag, 7)[0] == 0
     assert asked == [7]  # the decode loop was asked for 7 new tokens (it may stop sooner)
 
 
 def test_sampling_flags_without_temperature_sample_at_1(tiny, capsys):
-    code, implied, err = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--top-p", 0.95, "--seed", 3)
+    code, implied, err = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--top-p", 0.95, "--seed",
+                             3)
     assert code == 0 and "--top-p, --seed only matter when sampling" in err and "--temperature 1.0" in err
     explicit = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--top-p", 0.95, "--seed", 3,
                    "--temperature", 1.0)[1]
@@ -405,7 +420,8 @@ def test_sampling_flags_without_temperature_sample_at_1(tiny, capsys):
 
 
 def test_explicit_temperature_0_is_greedy_and_says_it_ignores_the_sampling_flags(tiny, capsys):
-    code, out, err = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--seed", 3, "--temperature", 0)
+    code, out, err = run(capsys, "generate", "The", "--model", tiny, "-n", 25, "--seed", 3, "--temperature",
+                         0)
     assert code == 0 and "--temperature 0 is greedy, which ignores --seed" in err
     assert out == run(capsys, "generate", "The", "--model", tiny, "-n", 25)[1]
 
@@ -432,7 +448,8 @@ def test_chat_commands_history_and_ctrl_c_at_the_prompt(tiny, capsys, monkeypatc
     assert code == 0 and out.count("assistant> ") == 1
     assert err.count("/help this list") >= 3  # at the start, for /help, and for the unknown /x
     assert "unknown command /x" in err and "(conversation forgotten)" in err
-    added = [readline.get_history_item(i) for i in range(before + 1, readline.get_current_history_length() + 1)]
+    added = [readline.get_history_item(i) for i in range(before + 1,
+                                                         readline.get_current_history_length() + 1)]
     assert "What is RMSNorm?" in added  # the Up arrow brings it back
 
 
@@ -443,19 +460,22 @@ def test_tokenizer_flag_for_a_checkpoint_without_tokenizer_files(tiny, tmp_path,
         shutil.copy(tiny / name, tmp_path / name)
     code, _, err = run(capsys, "generate", "hi", "--model", tmp_path, "-n", 3)
     assert code == 2 and "tokenizer.model not found" in err
-    code, out, _ = run(capsys, "generate", "Each decoder layer", "--model", tmp_path, "--tokenizer", tiny, "-n", 12)
+    code, out, _ = run(capsys, "generate", "Each decoder layer", "--model", tmp_path, "--tokenizer", tiny,
+                       "-n", 12)
     assert code == 0 and out == run(capsys, "generate", "Each decoder layer", "--model", tiny, "-n", 12)[1]
 
 
 def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
     from phi3_scratch import family
 
-    (tmp_path / "config.json").write_text(json.dumps(family.official_config("microsoft/Phi-3-mini-4k-instruct")))
+    (tmp_path / "config.json").write_text(
+        json.dumps(family.official_config("microsoft/Phi-3-mini-4k-instruct")))
     args = cli.build_parser().parse_args(["arch", "--model", str(tmp_path), "--device", "cpu"])
     config = p3.Phi3Config.from_pretrained(tmp_path)  # as load() read it
     common.say_memory(args, config)
-    assert "the weights take 15.3 GB of memory in float32 on the CPU; --dtype bf16 halves it, " \
-        "--quantize int8 takes about a quarter of fp32, int4 a sixth (fastest with --compile)" in capsys.readouterr().err
+    assert ("the weights take 15.3 GB of memory in float32 on the CPU; --dtype bf16 halves it, "
+            "--quantize int8 takes about a quarter of fp32, int4 a sixth (fastest with --compile)"
+            in capsys.readouterr().err)
     args.dtype = "bf16"
     common.say_memory(args, config)
     assert "7.6 GB of memory in bfloat16 on the CPU; --quantize int8" in capsys.readouterr().err
@@ -470,18 +490,21 @@ def test_a_large_cpu_load_says_its_memory_and_suggests_bf16(tmp_path, capsys):
     assert config.quantization is None  # read, not changed: load() goes on with it
 
 
-@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU: mps is no mistake")
+@pytest.mark.skipif(torch.backends.mps.is_available(),
+                    reason="this machine has an Apple GPU: mps is no mistake")
 def test_device_mps_is_refused_before_loading(capsys, monkeypatch):
     patch_cli(monkeypatch, "load", lambda args: pytest.fail("the device must be checked before loading"))
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "mps")
-    assert code == 2 and err.strip() == (f"error: --device mps: this machine has no Apple GPU that torch can use "
+    assert code == 2 and err.strip() == ("error: --device mps: this machine has no Apple GPU that torch can "
+                                         "use "
                                          f"(torch {torch.__version__}); use --device cpu")
 
 
 def test_tour_on_a_real_checkpoint_follows_the_notebook(tiny, capsys, monkeypatch):
     """Any checkpoint but the tiny model gets the notebook's prompts, sent as the notebook sends them."""
     seen, real_encode = [], Tokenizer.encode
-    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: seen.append(text) or real_encode(self, text, **kw))
+    monkeypatch.setattr(Tokenizer, "encode",
+                        lambda self, text, **kw: seen.append(text) or real_encode(self, text, **kw))
     code, out, _ = run(capsys, "tour", "--model", tiny, "-n", 5, "--runs", 1)  # a folder: not `--model tiny`
     assert code == 0 and "as it is (no chat template), greedy, 5 new tokens" in out
     for prompt in timing.NOTEBOOK_PROMPTS.values():
@@ -500,11 +523,14 @@ def test_chat_leaves_on_quit_and_exit(tiny, capsys, monkeypatch, leave):
 def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     patch_cli(monkeypatch, "load", lambda args: pytest.fail("a bad flag must be refused before loading"))
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--dtype", "int3")
-    assert code == 2 and err.startswith("error: --dtype int3: not a dtype this model runs in; expected bf16, fp16 or fp32")
+    assert code == 2 and err.startswith("error: --dtype int3: not a dtype this model runs in; expected bf16, "
+                                        "fp16 or fp32")
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "tpu")
-    assert code == 2 and err.startswith("error: --device tpu: not a device this model runs on; expected cpu, cuda")
+    assert code == 2 and err.startswith("error: --device tpu: not a device this model runs on; expected cpu, "
+                                        "cuda")
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--top-p", "2")
-    assert code == 2 and err == "error: --top-p must be in (0, 1], got 2.0\n"  # and no note about sampling first
+    # and no note about sampling first
+    assert code == 2 and err == "error: --top-p must be in (0, 1], got 2.0\n"
     code, _, err = run(capsys, "compare", "--model", "tiny", "--tolerance", "nan")
     assert code == 2 and err == "error: --tolerance must be a positive number, got nan\n"
     # --layer and --head against the model's config, before its weights load
@@ -512,32 +538,39 @@ def test_flags_are_checked_before_anything_loads(capsys, monkeypatch):
     assert code == 2 and err == "error: --layer 9: the model has 4 layers, 0..3\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "1", "--head", "4")
     assert code == 2 and err == "error: --head 4: the model has 4 heads a layer, 0..3\n"
-    code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "\u00b2")  # str.isdigit() takes it
+    # str.isdigit() takes it
+    code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "\u00b2")
     assert code == 2 and err == "error: --layer must be a layer number or 'all', got '\u00b2'\n"
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--layer", "all", "--head", "1")
     assert code == 2 and err.startswith("error: --head goes with one layer: --layer all draws")
     code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--prefill", "64")
-    assert code == 2 and err == "error: --prefill times a forward pass against transformers': it goes with --vs-transformers\n"
+    assert code == 2 and err == ("error: --prefill times a forward pass against transformers': "
+                                 "it goes with --vs-transformers\n")
     code, _, err = run(capsys, "attention", "hi", "--model", "tiny", "--out", "att.jpg")
     assert code == 2 and "out must be a file name ending in .png (attention.png, say), got 'att.jpg'" in err
-    patch_cli(monkeypatch, "model_folder", lambda args: pytest.fail("a bad flag must be refused before loading"))
-    code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers", "--quantize", "int8", "--compile")
+    patch_cli(monkeypatch, "model_folder",
+              lambda args: pytest.fail("a bad flag must be refused before loading"))
+    code, _, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers", "--quantize", "int8",
+                       "--compile")
     assert code == 2 and err.startswith("error: bench --vs-transformers times every variant itself") and \
         err.endswith("drop --quantize, --compile\n")
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "--device", "cuda")
-        assert code == 2 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and "--device cpu" in err
+        assert code == 2 and err.startswith("error: --device cuda: this machine has no CUDA GPU") and \
+            "--device cpu" in err
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "step", "tour", "bench", "bench --vs-transformers"])
 def test_more_new_tokens_than_positions_is_refused_before_the_weights_load(capsys, monkeypatch, command):
     patch_cli(monkeypatch, "model_folder", lambda args: pytest.fail("refused before the weights load"))
-    monkeypatch.setattr(Tokenizer, "from_pretrained", lambda *a: pytest.fail("refused before the tokenizer loads"))
+    monkeypatch.setattr(Tokenizer, "from_pretrained",
+                        lambda *a: pytest.fail("refused before the tokenizer loads"))
     command, *flags = command.split()
     prompt = [] if command in ("chat", "tour") else ["hi"]
-    code, _, err = run(capsys, command, *prompt, "--model", "tiny", "-n", 513, *flags)  # the tiny model has 512 positions
-    assert code == 2 and err == "error: --max-new-tokens 513: more new tokens than the model has positions (512), " \
-                                "prompt included\n"
+    # the tiny model has 512 positions
+    code, _, err = run(capsys, command, *prompt, "--model", "tiny", "-n", 513, *flags)
+    assert code == 2 and err == ("error: --max-new-tokens 513: more new tokens than the model has "
+                                 "positions (512), prompt included\n")
 
 
 def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch):
@@ -549,7 +582,8 @@ def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch)
         raise p3.Phi3Error(f"{path_or_repo_id}: no readable tokenizer")
 
     monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(refuse))
-    patch_cli(monkeypatch, "model_config", lambda args: fetched.append(("config", args.model)) or p3.Phi3Config.from_pretrained(TINY))
+    patch_cli(monkeypatch, "model_config",
+              lambda args: fetched.append(("config", args.model)) or p3.Phi3Config.from_pretrained(TINY))
     patch_cli(monkeypatch, "model_folder", lambda args: fetched.append(("weights", args.model)))
     code, _, err = run(capsys, "generate", "hi", "--model", "someone/some-model")
     assert code == 2 and "no readable tokenizer" in err
@@ -558,25 +592,30 @@ def test_a_repo_id_fetches_its_tokenizer_before_the_weights(capsys, monkeypatch)
 
 def test_a_folder_without_a_checkpoint_or_without_a_tokenizer_is_named(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path))
-    assert code == 2 and err == f"error: {tmp_path / 'config.json'} not found: a Phi-3 checkpoint folder must contain config.json\n"
-    p3.Phi3ForCausalLM.from_pretrained("tiny").save_pretrained(tmp_path / "saved")  # weights and config, no tokenizer
+    assert code == 2 and err == (f"error: {tmp_path / 'config.json'} not found: "
+                                 "a Phi-3 checkpoint folder must contain config.json\n")
+    # weights and config, no tokenizer
+    p3.Phi3ForCausalLM.from_pretrained("tiny").save_pretrained(tmp_path / "saved")
     code, _, err = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "-n", "2")
-    assert code == 2 and "tokenizer.model not found" in err and "--tokenizer DIR (or a repo id, or 'tiny')" in err
-    code, out, _ = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "--tokenizer", "tiny", "-n", "2")
+    assert code == 2 and "tokenizer.model not found" in err and \
+        "--tokenizer DIR (or a repo id, or 'tiny')" in err
+    code, out, _ = run(capsys, "generate", "hi", "--model", str(tmp_path / "saved"), "--tokenizer", "tiny",
+                       "-n", "2")
     assert code == 0 and out.strip()
     small = tmp_path / "small"  # a 256-word model: the tiny tokenizer's 1,011 ids do not fit it
-    p3.Phi3ForCausalLM(p3.Phi3Config.from_dict({**json.loads((TINY / "config.json").read_text()), "vocab_size": 256,
-                                                "pad_token_id": 0})).save_pretrained(small)
+    p3.Phi3ForCausalLM(p3.Phi3Config.from_dict({**json.loads((TINY / "config.json").read_text()),
+                                                "vocab_size": 256, "pad_token_id": 0})).save_pretrained(small)
     code, _, err = run(capsys, "generate", "hi", "--model", str(small), "--tokenizer", "tiny", "-n", "2")
-    assert code == 2 and err == "error: --tokenizer tiny has 1011 ids, more than the model's vocabulary of 256: " \
-                                "they were not made for each other\n"
+    assert code == 2 and err == ("error: --tokenizer tiny has 1011 ids, more than the model's vocabulary "
+                                 "of 256: they were not made for each other\n")
 
 
 def test_the_progress_bar_writes_one_line_when_stderr_is_no_terminal(capsys):
     """tqdm's bar: in a log file, its first state and its last, on one line."""
     code, _, err = run(capsys, "generate", "hi", "--model", "tiny", "-n", "1")
     bars = [line for line in err.split("\n") if "weights [" in line]  # split("\n"): splitlines cuts at \r too
-    assert code == 0 and bars == ["\r  weights [" + " " * 30 + "] 0/27 tensors\r  weights [" + "█" * 30 + "] 27/27 tensors"]
+    assert code == 0 and bars == ["\r  weights [" + " " * 30 + "] 0/27 tensors"
+                                  "\r  weights [" + "█" * 30 + "] 27/27 tensors"]
 
 
 def test_dtype_names_in_any_case_and_auto(tiny, capsys, tmp_path):
@@ -592,7 +631,8 @@ def test_dtype_names_in_any_case_and_auto(tiny, capsys, tmp_path):
     assert "torch.bfloat16" in err
     _, _, err = run(capsys, "next-token", "The", "--model", tmp_path)
     assert "torch.float32" in err
-    assert p3.AutoModelForCausalLM.from_pretrained(str(tmp_path), torch_dtype="auto").lm_head.weight.dtype == torch.bfloat16
+    assert p3.AutoModelForCausalLM.from_pretrained(str(tmp_path),
+                                                   torch_dtype="auto").lm_head.weight.dtype == torch.bfloat16
     code, _, err = run(capsys, "generate", "hi", "--model", tmp_path, "--dtype", "INT3")
     assert code == 2 and err.startswith("error: --dtype INT3: not a dtype")
 
@@ -619,7 +659,9 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
 def test_the_tour_times_the_cache_after_a_warm_up_over_five_runs(capsys, monkeypatch):
     calls = []
     real = timing.generate
-    monkeypatch.setattr(timing, "generate", lambda model, ids, n, **kw: calls.append((n, kw)) or real(model, ids, n, **kw))
+    monkeypatch.setattr(timing, "generate", lambda model, ids, n, **kw: calls.append((n, kw)) or real(model,
+                                                                                                      ids, n,
+                                                                                                      **kw))
     code, out, _ = run(capsys, "tour", "--model", "tiny")
     assert code == 0 and "50 new tokens after a 10-token prompt, 5 runs each" in out
     warm_ups = calls[:2]  # one short untimed run of each way, then 5 timed runs of each
@@ -637,11 +679,13 @@ def test_bench_vs_transformers_without_transformers_is_refused_before_its_header
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     code, out, err = run(capsys, "bench", "hi", "--model", "tiny", "--vs-transformers")
     assert code == 2 and out == ""
-    assert err == ("error: bench --vs-transformers runs transformers beside this model, and transformers is not "
+    assert err == ("error: bench --vs-transformers runs transformers beside this model, and transformers is "
+                   "not "
                    "installed: pip install transformers\n")
 
 
 def test_a_missing_tokenizer_folder_is_named_as_the_tokenizer_folder(capsys):
     code, out, err = run(capsys, "generate", "hi", "--model", "tiny", "--tokenizer", "/nonexistent")
     assert code == 2 and out == ""
-    assert err == "error: tokenizer folder /nonexistent not found (and it is not a Hugging Face repo id like 'org/name')\n"
+    assert err == ("error: tokenizer folder /nonexistent not found "
+                   "(and it is not a Hugging Face repo id like 'org/name')\n")

@@ -118,7 +118,8 @@ def test_compile_needs_the_cache(checkpoints):
         p3.generate(model, torch.tensor([[5, 6]]), 3, use_cache=False, compile=True)
 
 
-@pytest.mark.parametrize("name", model_params(*INLINE, "Phi-3-mini-4k-instruct", "Phi-4-mini-instruct", "phi-4"))
+@pytest.mark.parametrize("name", model_params(*INLINE, "Phi-3-mini-4k-instruct", "Phi-4-mini-instruct",
+                                              "phi-4"))
 def test_sdpa_kernel_gives_the_eager_logits(checkpoints, name):
     """Padding, the sliding window, GQA and the cache through torch's fused attention."""
     folder, hf = checkpoints(name)
@@ -155,7 +156,8 @@ def test_sdpa_gets_a_finite_mask_in_fp16(checkpoints, monkeypatch):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0], dtype="fp16", attention="sdpa")
     masks, kernel = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, attn_mask=None: masks.append(attn_mask) or kernel(q, k, v, attn_mask=attn_mask))
+                        lambda q, k, v, attn_mask=None:
+                            masks.append(attn_mask) or kernel(q, k, v, attn_mask=attn_mask))
     ids, mask = padded_batch(9, (8, 3))
     with torch.no_grad():
         model(ids, attention_mask=mask)
@@ -185,5 +187,7 @@ def test_two_compiled_streams_on_one_model_do_not_share_a_cache(checkpoints):
     first = p3.stream_tokens(model, a, 8, eos_token_id=[], compile=True)
     second = p3.stream_tokens(model, b, 8, eos_token_id=[], compile=True)
     interleaved = [(next(first), next(second)) for _ in range(8)]
-    assert torch.equal(torch.stack([x for x, _ in interleaved], 1), p3.generate(model, a, 8, eos_token_id=[])[:, 6:])
-    assert torch.equal(torch.stack([y for _, y in interleaved], 1), p3.generate(model, b, 8, eos_token_id=[])[:, 9:])
+    assert torch.equal(torch.stack([x for x, _ in interleaved], 1),
+                       p3.generate(model, a, 8, eos_token_id=[])[:, 6:])
+    assert torch.equal(torch.stack([y for _, y in interleaved], 1),
+                       p3.generate(model, b, 8, eos_token_id=[])[:, 9:])

@@ -51,7 +51,8 @@ def test_family_knows_repo_ids_and_short_names():
     assert family.repo_ids() == [f"microsoft/{name}" for name in FAMILY]
     assert family.find("microsoft/Phi-3-mini-4k-instruct") == family.find("phi-3-MINI-4k-instruct")
     assert family.find("microsoft/phi-5") is None
-    with pytest.raises(p3.Phi3Error, match=r"'phi-5' is not a known Phi-3 family model; expected one of \['microsoft/"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"'phi-5' is not a known Phi-3 family model; expected one of \['microsoft/"):
         family.official_config("phi-5")
 
 
@@ -64,7 +65,8 @@ def test_family_data_equals_the_published_config_files():
         assert ours == {key: published[key] for key in ours}, name
         generation = CONFIGS / name / "generation_config.json"  # the fixtures have it for Phi-3 and 3.5 only
         if generation.is_file():
-            assert family.config(name).stop_token_ids == json.loads(generation.read_text())["eos_token_id"], name
+            assert (family.config(name).stop_token_ids
+                    == json.loads(generation.read_text())["eos_token_id"]), name
         assert published["eos_token_id"] in family.config(name).stop_token_ids, name
 
 
@@ -95,16 +97,20 @@ def test_su_is_an_alias_of_longrope():
 
 def test_config_errors_name_the_problem(tmp_path):
     d = real_config("Phi-3-mini-128k-instruct")
-    with pytest.raises(p3.Phi3Error, match=r"unknown rope type 'dynamic'; expected one of \['default', 'longrope'\]"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"unknown rope type 'dynamic'; expected one of \['default', 'longrope'\]"):
         p3.Phi3Config.from_dict({**d, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
-    with pytest.raises(p3.Phi3Error, match=r"expected model_type 'phi3' .* got model_type 'llama' and architectures \['LlamaForCausalLM'\]"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"expected model_type 'phi3' .* got model_type 'llama' and architectures "
+                             r"\['LlamaForCausalLM'\]"):
         p3.Phi3Config.from_dict({**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     short = {**d, "rope_scaling": {**d["rope_scaling"], "short_factor": [1.0] * 47}}
     with pytest.raises(p3.Phi3Error, match="short_factor must have rotary_dim / 2 = 48 numbers, got 47"):
         p3.Phi3Config.from_dict(short)
     missing = {k: v for k, v in d.items() if k != "hidden_size"}
     (tmp_path / "config.json").write_text(json.dumps(missing))
-    with pytest.raises(p3.Phi3Error, match=f"config {tmp_path / 'config.json'}: required field 'hidden_size' is missing"):
+    with pytest.raises(p3.Phi3Error,
+                       match=f"config {tmp_path / 'config.json'}: required field 'hidden_size' is missing"):
         p3.Phi3Config.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(p3.Phi3Error, match="config.json is not valid JSON"):

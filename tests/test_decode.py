@@ -19,13 +19,15 @@ def test_greedy_decode_gives_the_tokens_of_generate_without_stop_ids(checkpoints
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     torch.manual_seed(5)
     ids = torch.randint(3, 256, (2, 7))
-    new = min(30, SMALL_ORIGINAL_MAX - 7) if model.config.rope_type == "longrope" else 30  # one cache: see below
+    # one cache: see below
+    new = min(30, SMALL_ORIGINAL_MAX - 7) if model.config.rope_type == "longrope" else 30
     assert torch.equal(p3.greedy_decode(model, ids, new), p3.generate(model, ids, new, eos_token_id=[]))
 
 
 def test_greedy_decode_on_the_tiny_model_never_stops_early():
     model, tokenizer = p3.Phi3ForCausalLM.from_pretrained("tiny"), p3.Tokenizer.from_pretrained("tiny")
-    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "What is RoPE?"}]))])
+    ids = torch.tensor([tokenizer.encode(
+        tokenizer.apply_chat_template([{"role": "user", "content": "What is RoPE?"}]))])
     out = p3.greedy_decode(model, ids, 120)
     assert out.shape == (1, ids.shape[1] + 120) and torch.equal(out[:, : ids.shape[1]], ids)
     assert set(out[0, ids.shape[1]:].tolist()) & set(model.config.stop_token_ids)  # it went on past a stop id
@@ -58,4 +60,5 @@ def test_greedy_decode_refuses_to_pass_the_longrope_switch_with_one_cache(checkp
     ids = torch.randint(3, 256, (1, SMALL_ORIGINAL_MAX))
     with pytest.raises(p3.Phi3Error, match="pass LongRoPE's original context .* use generate"):
         p3.greedy_decode(model, ids, 2)
-    assert checks.check_greedy_decode(model.config, ids, 1, torch.device("cpu")) is None  # up to the switch: fine
+    # up to the switch: fine
+    assert checks.check_greedy_decode(model.config, ids, 1, torch.device("cpu")) is None

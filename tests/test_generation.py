@@ -30,7 +30,8 @@ def test_greedy_tokens_match_transformers_with_and_without_cache(checkpoints, na
     assert torch.equal(p3.generate(model, ids, 24, use_cache=False, eos_token_id=[]), expected)
 
 
-@pytest.mark.parametrize("name", model_params("tiny-window", "tiny-longrope", "Phi-3-mini-4k-instruct", "Phi-3-medium-4k-instruct", "Phi-4-mini-instruct"))
+@pytest.mark.parametrize("name", model_params("tiny-window", "tiny-longrope", "Phi-3-mini-4k-instruct",
+                                              "Phi-3-medium-4k-instruct", "Phi-4-mini-instruct"))
 def test_left_padded_batch_gives_each_row_its_own_tokens(checkpoints, name):
     folder, hf = checkpoints(name)
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
@@ -46,10 +47,12 @@ def test_left_padded_batch_gives_each_row_its_own_tokens(checkpoints, name):
         alone = p3.generate(model, p[None], 15, eos_token_id=[])
         assert torch.equal(batch[row, width:], alone[0, len(p):]), f"row {row} differs from its own run"
     assert torch.equal(batch, hf_generate(hf, ids, 15, eos=[], mask=mask))
-    assert torch.equal(p3.generate(model, ids, 15, use_cache=False, eos_token_id=[], attention_mask=mask), batch)
+    assert torch.equal(p3.generate(model, ids, 15, use_cache=False, eos_token_id=[], attention_mask=mask),
+                       batch)
 
 
-@pytest.mark.parametrize("name", model_params("tiny-longrope", "Phi-3-mini-128k-instruct", "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"))
+@pytest.mark.parametrize("name", model_params("tiny-longrope", "Phi-3-mini-128k-instruct",
+                                              "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"))
 def test_longrope_generation_across_the_switch_matches_transformers(checkpoints, name):
     """The prompt fits in original_max; generation grows past it and the cache is recomputed."""
     folder, hf = checkpoints(name)
@@ -122,7 +125,8 @@ def test_a_row_that_stopped_is_padded_until_every_row_has(checkpoints):
     ids = torch.randint(3, 256, (2, 5))
     free = p3.generate(model, ids, 20, eos_token_id=[])[:, 5:]  # (2, 20)
     first = lambda row, t: next((i for i, x in enumerate(free[row].tolist()) if x == t), 99)
-    stop = next(int(t) for t in free[0, 1:] if first(1, int(t)) > first(0, int(t)) + 3)  # row 0 stops first, early
+    # row 0 stops first, early
+    stop = next(int(t) for t in free[0, 1:] if first(1, int(t)) > first(0, int(t)) + 3)
     end = first(0, stop)
     stopped = p3.generate(model, ids, 20, eos_token_id=[stop])
     assert stopped.shape[1] >= 5 + end + 4  # row 1 went on
@@ -177,7 +181,8 @@ def test_left_padded_batch_across_the_longrope_switch_matches_transformers(check
     mask[1, :20] = 0  # row 1: 9 real tokens
     batch = p3.generate(model, ids, 10, eos_token_id=[], attention_mask=mask)
     assert torch.equal(batch, hf_generate(hf, ids, 10, eos=[], mask=mask))
-    assert torch.equal(p3.generate(model, ids, 10, use_cache=False, eos_token_id=[], attention_mask=mask), batch)
+    assert torch.equal(p3.generate(model, ids, 10, use_cache=False, eos_token_id=[], attention_mask=mask),
+                       batch)
 
 
 def test_longrope_switch_follows_the_longest_real_row_not_the_padded_width(checkpoints):
@@ -200,14 +205,16 @@ def test_longrope_switch_follows_the_longest_real_row_not_the_padded_width(check
     uncached = p3.generate(model, ids, 12, use_cache=False, eos_token_id=[], attention_mask=mask)
     assert torch.equal(uncached, expected)
     assert torch.equal(p3.generate(model, ids, 12, eos_token_id=[], attention_mask=mask), expected)
-    assert torch.equal(p3.generate(model, ids, 12, eos_token_id=[], attention_mask=mask, compile=True), expected)
+    assert torch.equal(p3.generate(model, ids, 12, eos_token_id=[], attention_mask=mask, compile=True),
+                       expected)
 
 
 def test_a_padded_batch_without_its_mask_is_warned_about(checkpoints):
     folder, _ = checkpoints("tiny-window")
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])  # pad_token_id 0
-    with pytest.warns(UserWarning, match="input_ids: a row starts with the pad id 0 and no attention_mask was given"):
+    with pytest.warns(UserWarning,
+                      match="input_ids: a row starts with the pad id 0 and no attention_mask was given"):
         p3.generate(model, ids, 3, eos_token_id=[])
 
 
@@ -257,17 +264,22 @@ def test_a_row_that_stopped_is_padded_with_the_pad_token_id_given(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(folder)
     ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(0))
     free = p3.generate(model, ids, 12, eos_token_id=[])
-    stop = next(int(t) for t in free[0, 5:] if int(t) not in free[1, 5:].tolist())  # row 0 stops, row 1 goes on
+    # row 0 stops, row 1 goes on
+    stop = next(int(t) for t in free[0, 5:] if int(t) not in free[1, 5:].tolist())
     ours = p3.generate(model, ids, 12, eos_token_id=[stop], pad_token_id=7)
     with torch.no_grad():
         theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                              eos_token_id=[stop], pad_token_id=7)
     assert torch.equal(ours, theirs) and (ours[0, -1] == 7)
     notebook = p3.AutoModelForCausalLM.from_pretrained(str(folder))  # the notebook's generate passes it on
-    assert torch.equal(notebook.generate(input_ids=ids, max_new_tokens=12, eos_token_id=[stop], pad_token_id=7), ours)
-    with pytest.raises(p3.Phi3Error, match=r"pad_token_id: 256 is outside the vocabulary, 0..255; a row that stops"):
+    assert torch.equal(notebook.generate(input_ids=ids, max_new_tokens=12, eos_token_id=[stop],
+                                         pad_token_id=7), ours)
+    with pytest.raises(p3.Phi3Error,
+                       match=r"pad_token_id: 256 is outside the vocabulary, 0..255; a row that stops"):
         p3.generate(model, ids, 12, eos_token_id=[stop], pad_token_id=256)
-    model.config.pad_token_id = 32000  # Phi3Config's default, for a config built in code with a small vocabulary
+    # Phi3Config's default, for a config built in code with a small vocabulary
+    model.config.pad_token_id = 32000
     with pytest.raises(p3.Phi3Error, match=r"the model's pad id \(config.pad_token_id\): 32000 is outside"):
         p3.generate(model, ids, 12, eos_token_id=[stop])
-    assert p3.generate(model, ids[:1], 3, eos_token_id=[stop]).shape[0] == 1  # one row is never fed the pad id
+    # one row is never fed the pad id
+    assert p3.generate(model, ids[:1], 3, eos_token_id=[stop]).shape[0] == 1

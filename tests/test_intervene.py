@@ -72,8 +72,8 @@ def test_ablating_a_head_zeroes_o_projs_input_there_as_in_transformers(pair):
     def zero_head(x):  # o_proj's input (B, T, nH * hd): head 2 is channels 2*hd..3*hd
         x[..., 2 * hd:3 * hd] = 0
         return x
-    logits, tokens = both(model, hf, p3.ablate_head(1, 2), [("model.layers.1.self_attn.o_proj", zero_head,
-                                                             True)])
+    logits, tokens = both(model, hf, p3.ablate_head(1, 2),
+                          [("model.layers.1.self_attn.o_proj", zero_head, True)])
     assert_same(logits, tokens, base)
 
 
@@ -293,7 +293,7 @@ def test_bad_edits_are_refused_by_name(pair):
     wrong = [
         ({"layers.1.attn_out": lambda x: x[:, :2]},
          r"the edit for layers.1.attn_out returned shape \(1, 2, 128\), "
-                                                    r"torch.float32 on cpu; expected shape \(1, 8, 128\)"),
+         r"torch.float32 on cpu; expected shape \(1, 8, 128\)"),
         ({"layers.0.mlp_act": lambda x: x.double()}, r"returned shape \(1, 8, 384\), torch.float64"),
         ({"layers.0.mlp_act": lambda x: "no"},
          r"the edit for layers.0.mlp_act returned str; expected a tensor"),

@@ -9,12 +9,13 @@ from phi3_scratch import checks, model
 
 PACKAGE = Path(phi3_scratch.__file__).parent
 MODEL_FILES = ("config", "model", "rotary", "cache")
-NOT_THE_MODEL = {"quantize", "compiled", "benchmark", "tracing", "stepping", "plotting", "notebook", "pipeline",
-                 "cli"}
+NOT_THE_MODEL = {"quantize", "compiled", "benchmark", "tracing", "stepping", "plotting", "notebook",
+                 "pipeline", "cli"}
 
 
 def module_name(path: Path) -> str:
-    """'model' for phi3_scratch/model.py, 'cli.common' for phi3_scratch/cli/common.py, 'cli' for its __init__."""
+    """'model' for phi3_scratch/model.py, 'cli.common' for phi3_scratch/cli/common.py, 'cli' for its
+    __init__."""
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -31,7 +32,8 @@ def imports(module: str) -> set[str]:
             base = here[:len(here) - node.level + 1]
             names = [node.module] if node.module else [a.name for a in node.names]
             found |= {".".join([*base, name]) for name in names}
-    return {name if (PACKAGE / name.replace(".", "/")).is_dir() or (PACKAGE / (name.replace(".", "/") + ".py")).is_file()
+    return {name if (PACKAGE / name.replace(".", "/")).is_dir()
+            or (PACKAGE / (name.replace(".", "/") + ".py")).is_file()
             else name.rpartition(".")[0] for name in found} - {module}
 
 
@@ -50,7 +52,8 @@ def test_no_two_modules_import_each_other_directly_or_through_a_chain():
              if module_name(path)}
 
     def reaches(start: str, goal: str, seen: set) -> bool:
-        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d}))
+                   for d in graph.get(start, ()))
 
     assert [m for m in graph if reaches(m, m, {m})] == []
 

@@ -41,7 +41,7 @@ CELLS = [
     prompt = "Mandale un mensajito a Juan pidiéndole perdón por haberle pisado el pie en el bondi. Explicale qué pasó, pero sin chamuyo."
     output = generator(prompt)
     print(output[0]['generated_text'])
-    """,
+    """,  # noqa: E501  (the notebook's cell as it is: its long prompt line too)
     # 3. Architecture
     """
     print(model)
@@ -65,7 +65,7 @@ CELLS = [
     with_cache = generation_output
     generation_output = model.generate(input_ids=input_ids, max_new_tokens=100, use_cache=False)
     without_cache = generation_output
-    """,
+    """,  # noqa: E501  (the notebook's cell as it is: its long prompt line too)
 ]
 
 
@@ -144,7 +144,8 @@ def test_the_learning_tools_take_the_notebooks_model():
     assert p3.Stepper(model, [1, 400]).record().argmax == p3.Stepper(plain, [1, 400]).record().argmax
     assert torch.equal(p3.generate(model, ids, 4), p3.generate(plain, ids, 4))
     with pytest.raises(p3.Phi3Error, match=r"trace\(model\): model must be this package's Phi3ForCausalLM .*"
-                                           r"got phi3_scratch.model.Phi3Model \(the body, model.model: pass the whole"):
+                                           r"got phi3_scratch.model.Phi3Model \(the body, model.model: "
+                                           r"pass the whole"):
         with p3.trace(plain.model):
             pass
 
@@ -157,10 +158,12 @@ def test_the_notebook_in_notebooks_runs(tmp_path):
 
     path = Path(__file__).resolve().parents[1] / "notebooks" / "phi3_notebook.ipynb"
     notebook = nbformat.read(path, as_version=4)
-    assert "from phi3_scratch import AutoModelForCausalLM, AutoTokenizer, pipeline" in notebook.cells[1].source
+    assert ("from phi3_scratch import AutoModelForCausalLM, AutoTokenizer, pipeline"
+            in notebook.cells[1].source)
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = {i: cell.get("outputs", []) for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"}
+    outputs = {i: cell.get("outputs", [])
+               for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"}
     text = lambda i: "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs[i])
     model, tok = p3.Phi3ForCausalLM.from_pretrained("tiny"), p3.Tokenizer.from_pretrained("tiny")
     ids = torch.tensor([tok.encode("La universidad más prestigiosa del mundo es la Universidad de")])

@@ -58,7 +58,8 @@ def test_a_chat_gets_the_template_and_comes_back_with_the_assistants_message(bot
 
 
 def test_a_chat_with_return_full_text_false_gives_the_new_text_as_a_string(both):
-    theirs, ours = run(both, lambda t, m, g: g(CHAT[:2], max_new_tokens=6, do_sample=False, return_full_text=False))
+    theirs, ours = run(both, lambda t, m, g: g(CHAT[:2], max_new_tokens=6, do_sample=False,
+                                               return_full_text=False))
     assert ours == theirs and isinstance(ours[0]["generated_text"], str)
 
 
@@ -67,7 +68,8 @@ def test_a_chat_ending_with_an_assistant_message_is_continued_in_it(both):
     theirs, ours = run(both, lambda t, m, g: g(prefilled, max_new_tokens=5, do_sample=False))
     assert ours == theirs
     messages = ours[0]["generated_text"]
-    assert len(messages) == 3 and messages[2]["content"].startswith("It is") and messages[2]["content"] != "It is"
+    assert (len(messages) == 3 and messages[2]["content"].startswith("It is")
+            and messages[2]["content"] != "It is")
     # Forced off: a new assistant message after the prefilled one.
     theirs, ours = run(both, lambda t, m, g: g(prefilled, max_new_tokens=5, do_sample=False,
                                                continue_final_message=False))
@@ -120,14 +122,16 @@ def test_do_sample_false_with_a_temperature_is_greedy_and_warns(both):
     with pytest.warns(UserWarning, match=r"temperature=0.5: do_sample is False, so generation is greedy"):
         tempered = generator("The KV cache", max_new_tokens=6, do_sample=False, temperature=0.5)
     assert tempered == greedy
-    theirs, ours = run(both, lambda t, m, g: g("The KV cache", max_new_tokens=6, do_sample=False, temperature=0.5))
+    theirs, ours = run(both, lambda t, m, g: g("The KV cache", max_new_tokens=6, do_sample=False,
+                                               temperature=0.5))
     assert ours == theirs
 
 
 def test_apply_chat_template_has_transformers_defaults_and_return_types(both):
     calls = {
         "default": lambda t: dict(t.apply_chat_template(CHAT, add_generation_prompt=True)),
-        "tensors": lambda t: {k: v.tolist() for k, v in t.apply_chat_template(CHAT, return_tensors="pt").items()},
+        "tensors": lambda t: {k: v.tolist()
+                              for k, v in t.apply_chat_template(CHAT, return_tensors="pt").items()},
         "text": lambda t: t.apply_chat_template(CHAT, tokenize=False),
         "prompt text": lambda t: t.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
         "ids": lambda t: t.apply_chat_template(CHAT, return_dict=False),
@@ -139,7 +143,8 @@ def test_apply_chat_template_has_transformers_defaults_and_return_types(both):
         theirs, ours = call(both["transformers"][0]), call(both["phi3_scratch"][0])
         assert ours == theirs, name
     encoding = both["phi3_scratch"][0].apply_chat_template(CHAT, return_tensors="pt")
-    assert encoding.input_ids.shape == encoding["attention_mask"].shape == (1, len(calls["ids"](both["phi3_scratch"][0])))
+    assert (encoding.input_ids.shape == encoding["attention_mask"].shape
+            == (1, len(calls["ids"](both["phi3_scratch"][0]))))
     assert encoding.to("cpu").input_ids.device.type == "cpu"
 
 
@@ -202,12 +207,16 @@ def test_arguments_it_does_not_implement_are_refused_by_name(both):
         (lambda: generator("Hi", stop_sequence="x"), r"generator\(...\): stop_sequence='x' is not supported"),
         (lambda: p3.pipeline("text-generation", model=model, tokenizer=tokenizer, device=0),
          r"pipeline: device=0 is not supported"),
-        (lambda: model.generate(ids, repetition_penalty=1.2), r"model.generate: repetition_penalty=1.2 is not"),
-        (lambda: tokenizer.apply_chat_template(CHAT, padding=True), r"apply_chat_template\(...\): padding=True"),
-        (lambda: generator({"role": "user"}), r"generator\(inputs\): expected a prompt string, a list of messages"),
+        (lambda: model.generate(ids, repetition_penalty=1.2),
+         r"model.generate: repetition_penalty=1.2 is not"),
+        (lambda: tokenizer.apply_chat_template(CHAT, padding=True),
+         r"apply_chat_template\(...\): padding=True"),
+        (lambda: generator({"role": "user"}),
+         r"generator\(inputs\): expected a prompt string, a list of messages"),
         (lambda: generator("Hi", return_full_text="no"), r"return_full_text must be True or False"),
         (lambda: model.generate(ids, num_return_sequences=2), r"num_return_sequences=2: greedy decoding"),
-        (lambda: model.generate(ids, do_sample=True, temperature=0), r"temperature=0: expected a finite number > 0"),
+        (lambda: model.generate(ids, do_sample=True, temperature=0),
+         r"temperature=0: expected a finite number > 0"),
         (lambda: model.generate(ids, do_sample="yes"), r"do_sample='yes': expected True or False"),
         (lambda: model.generate(ids, top_k=-1, do_sample=True), r"top_k=-1: expected an integer >= 0"),
         (lambda: model.generate(ids.tolist()), r"model.generate: input_ids must be a tensor of token ids"),

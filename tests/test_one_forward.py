@@ -20,7 +20,8 @@ READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Te
 
 
 def forward_calls(run) -> int:
-    """How often Phi3ForCausalLM.forward starts while run() runs, seen as a debugger sees it (sys.settrace)."""
+    """How often Phi3ForCausalLM.forward starts while run() runs, seen as a debugger sees it
+    (sys.settrace)."""
     calls, previous = 0, sys.gettrace()
 
     def tracer(frame, event, arg):

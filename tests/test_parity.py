@@ -31,11 +31,13 @@ def test_logits_match_transformers(checkpoints, name, fmt, report):
             ours = model(ids)
         ref = hf_logits(hf, ids)
         diff = (ours - ref).abs().max().item()
-        report(f"parity {name:26s} {fmt:12s} T={length:3d}: max |logit diff| {diff:.2e} (max |logit| {ref.abs().max():.1f})")
+        report(f"parity {name:26s} {fmt:12s} T={length:3d}: max |logit diff| {diff:.2e} (max |logit| "
+               f"{ref.abs().max():.1f})")
         assert diff < TOL, f"{name} ({fmt} config), length {length}: logits differ by {diff}"
 
 
-@pytest.mark.parametrize("name", model_params("tiny-window", "tiny-longrope", "Phi-3-mini-4k-instruct", "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"))
+@pytest.mark.parametrize("name", model_params("tiny-window", "tiny-longrope", "Phi-3-mini-4k-instruct",
+                                              "Phi-3.5-mini-instruct", "Phi-4-mini-instruct"))
 def test_left_padded_batch_matches_transformers(checkpoints, name):
     folder, hf = checkpoints(name)
     model = p3.Phi3ForCausalLM.from_pretrained(folder)

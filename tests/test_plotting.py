@@ -103,10 +103,14 @@ def test_bad_layer_head_or_row(traced, args, message):
 def test_bad_labels_and_output_paths(traced, tmp_path):
     t, labels = traced
     maps = attention_maps(t, layer=0, head=0)
-    with pytest.raises(p3.Phi3Error, match=r"must have shape \(len\(query_labels\), len\(key_labels\)\) = \(11, 12\), got \(12, 12\)"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"must have shape \(len\(query_labels\), len\(key_labels\)\) = \(11, 12\), got "
+                             r"\(12, 12\)"):
         attention_figure(maps, labels[:11], labels)
     fig = attention_figure(maps, labels, labels)
-    with pytest.raises(p3.Phi3Error, match=r"out must be a file name ending in \.png \(attention.png, say\), got '.*heads\.jpg'"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"out must be a file name ending in \.png \(attention.png, say\), got "
+                             r"'.*heads\.jpg'"):
         save_attention_png(fig, tmp_path / "heads.jpg")
     with pytest.raises(p3.Phi3Error, match=r"ending in \.png \(attention.png, say\), got '.png'"):
         save_attention_png(fig, ".png")  # a hidden file with no name before its suffix
@@ -123,7 +127,9 @@ def test_without_matplotlib_the_error_says_how_to_install_it(traced, monkeypatch
     maps = attention_maps(t, layer=0, head=0)  # needs torch only
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
-    with pytest.raises(p3.Phi3Error, match=r"attention pictures need matplotlib: pip install 'phi3-scratch\[plot\]' \(or pip install matplotlib\)"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"attention pictures need matplotlib: pip install 'phi3-scratch\[plot\]' \(or "
+                             r"pip install matplotlib\)"):
         attention_figure(maps, labels, labels)
 
 

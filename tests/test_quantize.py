@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import phi3_scratch as p3
-from phi3_scratch.quantize import GROUP, LINEAR, Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_model
+from phi3_scratch.quantize import (GROUP, LINEAR, Int4Linear, Int8Linear, quantize_int4, quantize_int8,
+                                   quantize_model)
 
 from .conftest import train_tiny
 
@@ -25,7 +26,8 @@ def corpus_ids():
 
 def test_quantize_int8_is_symmetric_per_output_channel():
     torch.manual_seed(0)
-    w = torch.randn(6, 10) * torch.tensor([0.01, 0.1, 1, 10, 100, 0.0])[:, None]  # rows of very different size
+    # rows of very different size
+    w = torch.randn(6, 10) * torch.tensor([0.01, 0.1, 1, 10, 100, 0.0])[:, None]
     q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (6,)
     assert q.abs().max() <= 127 and (q.abs().amax(1)[:5] == 127).all()  # each row's largest weight -> +-127
@@ -38,10 +40,13 @@ def test_quantize_int4_packs_two_numbers_a_byte_in_groups_of_128():
     w = torch.randn(3, 2 * GROUP) * torch.tensor([0.01, 1.0, 100.0])[:, None]
     w[2, GROUP:] = 5.0  # a constant group
     packed, scale, offset = quantize_int4(w)
-    assert packed.dtype == torch.uint8 and packed.shape == (3, GROUP) and scale.shape == offset.shape == (3, 2)
+    assert (packed.dtype == torch.uint8 and packed.shape == (3, GROUP)
+            and scale.shape == offset.shape == (3, 2))
     groups = w.view(3, 2, GROUP)
-    n = torch.cat([packed.view(3, 2, GROUP // 2) & 15, packed.view(3, 2, GROUP // 2) >> 4], -1)  # byte j: j, 64 + j
-    assert n.min() == 0 and n.max() == 15 and (n.view(3, 2, GROUP)[:, 0].amax(-1) == 15).all()  # min -> 0, max -> 15
+    # byte j: j, 64 + j
+    n = torch.cat([packed.view(3, 2, GROUP // 2) & 15, packed.view(3, 2, GROUP // 2) >> 4], -1)
+    # min -> 0, max -> 15
+    assert n.min() == 0 and n.max() == 15 and (n.view(3, 2, GROUP)[:, 0].amax(-1) == 15).all()
     torch.testing.assert_close(offset, groups.amin(-1))
     rebuilt = n.float() * scale[..., None] + offset[..., None]  # (3, 2, 128)
     assert ((rebuilt - groups).abs() <= scale[..., None] / 2 + 1e-6).all()  # rounding error
@@ -62,11 +67,13 @@ def test_int4_linear_multiplies_by_the_rebuilt_weights(dtype):
     n = torch.cat([packed % 16, packed // 16], -1).double()  # (5, 2, 128): inputs 0..63, then 64..127
     rebuilt = (n * layer.scale.double()[..., None] + layer.offset.double()[..., None]).view(5, 2 * GROUP)
     assert (rebuilt[3] == 0).all() and (rebuilt[4, :GROUP] < 0).all()
-    assert ((rebuilt - w.to(dtype).double()).abs().view(5, 2, GROUP) <= layer.scale.double()[..., None] / 2 * 1.001).all()
+    assert ((rebuilt - w.to(dtype).double()).abs().view(5, 2, GROUP)
+            <= layer.scale.double()[..., None] / 2 * 1.001).all()
     for shape in [(1, 1, 2 * GROUP), (3, 2 * GROUP), (2, 4, 2 * GROUP)]:
         x = torch.randn(shape).to(dtype)
         expected = x.double() @ rebuilt.T
-        tolerance = 1e-4 if dtype == torch.float32 else 0.01 * expected.abs().max().item()  # bf16: its rounding
+        # bf16: its rounding
+        tolerance = 1e-4 if dtype == torch.float32 else 0.01 * expected.abs().max().item()
         assert (layer(x).double() - expected).abs().max() <= tolerance
 
 
@@ -76,14 +83,15 @@ def test_quantized_logits_stay_close_to_full_precision(corpus_ids, report, metho
                                                        diff_at_most):
     full = p3.Phi3ForCausalLM.from_pretrained("tiny")
     quantized = p3.Phi3ForCausalLM.from_pretrained("tiny", quantize=method)
-    assert isinstance(quantized.model.layers[0].mlp.down_proj, linear) and isinstance(quantized.lm_head, linear)
+    assert (isinstance(quantized.model.layers[0].mlp.down_proj, linear)
+            and isinstance(quantized.lm_head, linear))
     assert quantized.model.embed_tokens.weight.dtype == torch.float32  # the embedding stays
     with torch.no_grad():
         a, b = full(corpus_ids), quantized(corpus_ids)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     diff, scale = (a - b).abs().max().item(), a.abs().max().item()
-    report(f"{method} tiny model, {corpus_ids.shape[1]} teacher-forced positions: argmax agreement {agree:.1%}, "
-           f"max |logit diff| {diff:.3f} (max |logit| {scale:.1f})")
+    report(f"{method} tiny model, {corpus_ids.shape[1]} teacher-forced positions: argmax agreement "
+           f"{agree:.1%}, max |logit diff| {diff:.3f} (max |logit| {scale:.1f})")
     assert agree >= agree_at_least and diff <= diff_at_most * scale
 
 
@@ -92,7 +100,8 @@ def test_quantizing_while_loading_equals_quantizing_after(corpus_ids, method):
     from safetensors import safe_open
 
     calls = []
-    loaded = p3.Phi3ForCausalLM.from_pretrained("tiny", quantize=method, progress=lambda *done: calls.append(done))
+    loaded = p3.Phi3ForCausalLM.from_pretrained("tiny", quantize=method,
+                                                progress=lambda *done: calls.append(done))
     with safe_open(p3.loading.TINY / "model.safetensors", framework="pt") as f:
         in_file = len(list(f.keys()))
     assert calls[-1] == (in_file, in_file)  # the progress counts the file's tensors, not the quantized ones
@@ -101,7 +110,8 @@ def test_quantizing_while_loading_equals_quantizing_after(corpus_ids, method):
         assert torch.equal(loaded(corpus_ids), after(corpus_ids))
 
 
-@pytest.mark.parametrize("method, weight_dtype, size_at_most", [("int8", torch.int8, 0.4), ("int4", torch.uint8, 0.26)])
+@pytest.mark.parametrize("method, weight_dtype, size_at_most", [("int8", torch.int8, 0.4),
+                                                                ("int4", torch.uint8, 0.26)])
 def test_a_saved_quantized_checkpoint_reloads_to_the_same_logits(tmp_path, corpus_ids, method, weight_dtype,
                                                                  size_at_most):
     quantized = p3.Phi3ForCausalLM.from_pretrained("tiny", quantize=method)
@@ -127,7 +137,8 @@ def test_compiled_one_row_product_equals_the_eager_one(method):
     n_in = 2 * GROUP
     layer = quantized_layer(method, torch.randn(40, n_in))
     compiled = torch.compile(layer, fullgraph=True)
-    for shape in [(1, 1, n_in), (1, n_in), (3, n_in), (2, 5, n_in)]:  # one row (the reduction), several (the matmul)
+    # one row (the reduction), several (the matmul)
+    for shape in [(1, 1, n_in), (1, n_in), (3, n_in), (2, 5, n_in)]:
         x = torch.randn(shape)
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-4)
     graphs = []  # the traced graphs, by a backend that records them and runs them as they are
@@ -169,38 +180,45 @@ def test_quantize_errors(tmp_path, checkpoints):
     with pytest.raises(p3.Phi3Error, match="the model is quantized as int8; it cannot be quantized as int4"):
         quantize_model(int8, "int4")
     int8.save_pretrained(tmp_path / "int8")
-    with pytest.raises(p3.Phi3Error, match="the checkpoint is quantized as int8; it cannot be loaded as int4"):
+    with pytest.raises(p3.Phi3Error,
+                       match="the checkpoint is quantized as int8; it cannot be loaded as int4"):
         p3.Phi3ForCausalLM.from_pretrained(tmp_path / "int8", quantize="int4")
     # an int8 checkpoint with one matrix stored as uint8
     from safetensors.torch import load_file, save_file
 
     file = tmp_path / "int8" / "model.safetensors"
     tensors = load_file(file)
-    tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"].view(torch.uint8)
+    tensors["model.layers.1.mlp.down_proj.weight"] = (
+        tensors["model.layers.1.mlp.down_proj.weight"].view(torch.uint8))
     save_file(tensors, file)
-    with pytest.raises(p3.Phi3Error, match=r"tensor 'model.layers.1.mlp.down_proj.weight' has dtype torch.uint8, "
-                                           r"but config.json \(quantization: int8\) implies torch.int8"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"tensor 'model.layers.1.mlp.down_proj.weight' has dtype torch.uint8, "
+                             r"but config.json \(quantization: int8\) implies torch.int8"):
         p3.Phi3ForCausalLM.from_pretrained(tmp_path / "int8")
     # a checkpoint whose config.json says int4 but which holds int8 weights
     (tmp_path / "int8" / "config.json").write_text(
         (tmp_path / "int8" / "config.json").read_text().replace('"int8"', '"int4"'))
-    with pytest.raises(p3.Phi3Error, match=r"int8/model.safetensors: tensor 'lm_head.scale' has shape \(1024,\), "
-                                           r"but config.json implies \(1024, 1\)"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"int8/model.safetensors: tensor 'lm_head.scale' has shape \(1024,\), "
+                             r"but config.json implies \(1024, 1\)"):
         p3.Phi3ForCausalLM.from_pretrained(tmp_path / "int8")
     # int4's groups of 128 inputs: a matrix of another width is refused, by name
     folder, _ = checkpoints("Phi-3-mini-4k-instruct")  # hidden_size 64
-    with pytest.raises(p3.Phi3Error, match="model.layers.0.self_attn.qkv_proj: int4 quantizes groups of 128 inputs; "
-                                           "in_features 64 is not a multiple of 128"):
+    with pytest.raises(p3.Phi3Error,
+                       match="model.layers.0.self_attn.qkv_proj: int4 quantizes groups of 128 inputs; "
+                             "in_features 64 is not a multiple of 128"):
         p3.Phi3ForCausalLM.from_pretrained(folder, quantize="int4")
     # a full-precision checkpoint with one matrix stored as integers: refused, not quantized as numbers
     folder = tmp_path / "full"
     p3.Phi3ForCausalLM.from_pretrained("tiny").save_pretrained(folder)
     tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].to(torch.int8)
+    tensors["model.layers.0.mlp.down_proj.weight"] = (
+        tensors["model.layers.0.mlp.down_proj.weight"].to(torch.int8))
     save_file(tensors, folder / "model.safetensors")
     for quantize in (None, "int8", "int4"):
-        with pytest.raises(p3.Phi3Error, match=r"tensor 'model.layers.0.mlp.down_proj.weight' has dtype torch.int8, "
-                                               r"but config.json implies torch.float32"):
+        with pytest.raises(p3.Phi3Error,
+                           match=r"tensor 'model.layers.0.mlp.down_proj.weight' has dtype torch.int8, "
+                                 r"but config.json implies torch.float32"):
             p3.Phi3ForCausalLM.from_pretrained(folder, quantize=quantize)
 
 
@@ -210,7 +228,8 @@ def test_quantize_errors(tmp_path, checkpoints):
 def test_cli_quantize_flag(capsys, method, line, size):
     from phi3_scratch.cli import main
 
-    assert main(["generate", "What is RMSNorm?", "--chat", "--model", "tiny", "--quantize", method, "-n", "12"]) == 0
+    assert main(["generate", "What is RMSNorm?", "--chat", "--model", "tiny", "--quantize", method,
+                 "-n", "12"]) == 0
     out, err = capsys.readouterr()
     assert "loaded 1,049,728 parameters" in err and f"{method} matrices" in err
     assert out.startswith("RMSNorm")  # the corpus answer begins as it does in float32

@@ -12,8 +12,9 @@ from phi3_scratch.rotary import Phi3RotaryEmbedding, apply_rotary
 
 
 def tiny_config(**overrides) -> p3.Phi3Config:
-    fields = dict(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=64, original_max_position_embeddings=64)
+    fields = dict(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                  original_max_position_embeddings=64)
     return p3.Phi3Config(**{**fields, **overrides})
 
 
@@ -27,7 +28,8 @@ def random_model(config: p3.Phi3Config) -> p3.Phi3ForCausalLM:
 
 
 def test_sliding_window_query_sees_exactly_W_keys_itself_included():
-    """Window W = 4: query q sees keys q-3..q. Microsoft's first code allowed W + 1 keys; transformers does not."""
+    """Window W = 4: query q sees keys q-3..q. Microsoft's first code allowed W + 1 keys; transformers
+    does not."""
     allowed = positions_and_mask(torch.arange(10), 10, None, 4, 1)[1][0] == 0  # (T, S)
     assert allowed.sum(-1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
     assert allowed[9, 6:10].all() and not allowed[9, :6].any()
@@ -52,8 +54,8 @@ def test_sliding_window_larger_than_sequence_changes_nothing():
 
 
 def test_longrope_switches_factors_per_call_at_original_max():
-    config = tiny_config(rope_type="longrope", original_max_position_embeddings=16, max_position_embeddings=64,
-                         rope_short_factor=[1.0] * 8, rope_long_factor=[4.0] * 8)
+    config = tiny_config(rope_type="longrope", original_max_position_embeddings=16,
+                         max_position_embeddings=64, rope_short_factor=[1.0] * 8, rope_long_factor=[4.0] * 8)
     rope = Phi3RotaryEmbedding(config)
     short_cos, _ = rope(torch.arange(16)[None], torch.float32)  # largest position + 1 = 16: short factors
     long_cos, _ = rope(torch.arange(17)[None], torch.float32)  # 17 > 16: long factors, for EVERY token
@@ -142,4 +144,5 @@ def test_rmsnorm_casts_back_before_multiplying_by_the_weight():
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
     assert torch.equal(norm(x), norm.weight * normed.to(torch.bfloat16))
-    assert not torch.equal(norm(x), (norm.weight.float() * normed).to(torch.bfloat16))  # the wrong order differs
+    # the wrong order differs
+    assert not torch.equal(norm(x), (norm.weight.float() * normed).to(torch.bfloat16))

@@ -26,14 +26,16 @@ def test_every_block_names_an_example_and_the_main_ones_are_shown():
     assert {"tour", "generate", "arch-mini", "next-token", "bench", "step", "compare"} <= set(names)
 
 
-@pytest.mark.parametrize("doc, name, shown", [b for b in BLOCKS if readme_outputs.EXAMPLES[b[1]].checked],
-                         ids=[f"{doc.name}:{name}" for doc, name, _ in BLOCKS if readme_outputs.EXAMPLES[name].checked])
+CHECKED = [b for b in BLOCKS if readme_outputs.EXAMPLES[b[1]].checked]  # the blocks whose lines are compared
+
+
+@pytest.mark.parametrize("doc, name, shown", CHECKED, ids=[f"{doc.name}:{name}" for doc, name, _ in CHECKED])
 def test_shown_output_is_what_the_command_prints(doc, name, shown):
     example = readme_outputs.EXAMPLES[name]
     assert shown.startswith(example.command() + "\n"), f"{doc.name} shows another command for {name!r}"
     problems = readme_outputs.differences(shown, example.run())
-    assert not problems, f"{doc.name}, block {name!r} is stale (bash scripts/readme_outputs.sh rewrites it):\n" + \
-        "\n".join(problems)
+    stale = f"{doc.name}, block {name!r} is stale (bash scripts/readme_outputs.sh rewrites it):\n"
+    assert not problems, stale + "\n".join(problems)
 
 
 def test_the_comparison_masks_times_and_nothing_else():
@@ -49,7 +51,7 @@ def test_the_comparison_masks_times_and_nothing_else():
 
 @pytest.mark.parametrize("name, least", [("README.md", 5), ("docs/API.md", 10)])
 def test_the_api_sessions_run_as_shown(name, least):
-    """Every `>>>` line of README.md and docs/API.md, run by doctest: the shown results are what the API returns."""
+    """Every `>>>` line of README.md and docs/API.md, run by doctest: the results shown are the API's now."""
     import doctest
 
     text = (Path(__file__).resolve().parents[1] / name).read_text()
@@ -69,11 +71,12 @@ def test_the_readme_is_short_and_starts_with_the_three_commands():
     assert commands.index("pip install torch --index-url https://download.pytorch.org/whl/cpu") < \
         commands.index('pip install -e ".[test]"')
     assert "phi3-scratch tour --model tiny" in commands and "python -m pytest" in commands
-    for doc in ("docs/CLI.md", "docs/API.md", "docs/SPEED.md", "docs/TOKENIZER.md", "notebooks/phi3_notebook.ipynb",
-                "docs/img/architecture.svg"):
+    for doc in ("docs/CLI.md", "docs/API.md", "docs/SPEED.md", "docs/TOKENIZER.md",
+                "notebooks/phi3_notebook.ipynb", "docs/img/architecture.svg"):
         assert f"]({doc}" in readme, f"the README links {doc}"
 
 
 def test_no_shown_output_holds_a_machines_own_paths():
     for doc, name, shown in BLOCKS:
-        assert not re.search(r"/(work|home|root|tmp|Users)/", shown), f"{doc.name}, block {name!r} shows a path"
+        assert not re.search(r"/(work|home|root|tmp|Users)/",
+                             shown), f"{doc.name}, block {name!r} shows a path"

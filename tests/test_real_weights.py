@@ -24,11 +24,13 @@ def real_checkpoint() -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(REPO, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+        folder = Path(snapshot_download(REPO, local_files_only=True,
+                                        allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
     except LocalEntryNotFoundError:  # not in the cache: nothing to test against
         return None
     index = folder / "model.safetensors.index.json"  # a broken index is an error, not a skip
-    shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    shards = (set(json.loads(index.read_text())["weight_map"].values()) if index.is_file()
+              else {"model.safetensors"})
     needed = {"config.json", "tokenizer.model", *shards}  # a partial download is no checkpoint
     return folder if all((folder / name).is_file() for name in needed) else None
 
@@ -36,7 +38,8 @@ def real_checkpoint() -> Path | None:
 FOLDER = real_checkpoint()
 
 
-@pytest.mark.skipif(FOLDER is None, reason=f"real weights absent: set PHI3_MINI_4K or download {REPO} (7.6 GB)")
+@pytest.mark.skipif(FOLDER is None,
+                    reason=f"real weights absent: set PHI3_MINI_4K or download {REPO} (7.6 GB)")
 def test_real_phi3_mini_logits_match_transformers_and_the_notebook():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = p3.Phi3ForCausalLM.from_pretrained(FOLDER, device=device, dtype=torch.float32)

@@ -24,7 +24,8 @@ def expected(temperature: float, keep: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_sampling_follows_the_tempered_softmax(temperature):
-    assert torch.allclose(frequencies(temperature=temperature), expected(temperature, list(range(6))), atol=0.01)
+    assert torch.allclose(frequencies(temperature=temperature), expected(temperature, list(range(6))),
+                          atol=0.01)
 
 
 def test_top_k_keeps_only_the_k_most_likely():
@@ -51,7 +52,8 @@ def test_top_p_cuts_the_tempered_distribution_in_vocabulary_order():
     draws = sample(logits.expand(DRAWS, -1), temperature=2.0, top_p=0.7, generator=gen)
     probs = (logits[0] / 2.0).softmax(-1)
     ranked = probs.argsort(descending=True)
-    keep = ranked[: int(((probs[ranked].cumsum(0) - probs[ranked]) < 0.7).sum())]  # 3 tokens at T = 2, 2 at T = 1
+    # 3 tokens at T = 2, 2 at T = 1
+    keep = ranked[: int(((probs[ranked].cumsum(0) - probs[ranked]) < 0.7).sum())]
     assert len(keep) == 3 and set(draws.unique().tolist()) == set(keep.tolist())
 
 
@@ -76,7 +78,8 @@ def test_bad_sampling_arguments():
 def test_sampling_arguments_with_temperature_0_are_ignored_with_a_warning(checkpoints):
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])
     ids = torch.randint(3, 256, (1, 4))
-    with pytest.warns(UserWarning, match=r"top_k=50, seed=7: only sampling reads them, and temperature=0 is greedy"):
+    with pytest.warns(UserWarning,
+                      match=r"top_k=50, seed=7: only sampling reads them, and temperature=0 is greedy"):
         tokens = p3.generate(model, ids, 20, eos_token_id=[], top_k=50, seed=7)
     assert torch.equal(tokens, p3.generate(model, ids, 20, eos_token_id=[]))
 

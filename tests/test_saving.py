@@ -51,7 +51,8 @@ def test_a_save_over_a_transformers_sharded_checkpoint_loads_what_was_saved(tmp_
     new.save_pretrained(tmp_path)
     assert torch.equal(logits(tmp_path), logits(new))  # was the old weights: the index won
     assert not (tmp_path / "model.safetensors.index.json").exists() and not any(p.exists() for p in shards)
-    assert (tmp_path / "README.md").read_text() == "the user's notes" and (tmp_path / "tokenizer.model").is_file()
+    assert ((tmp_path / "README.md").read_text() == "the user's notes"
+            and (tmp_path / "tokenizer.model").is_file())
     assert not list(tmp_path.glob(".phi3_scratch-*"))  # no temporary file left
 
 
@@ -113,7 +114,8 @@ def kill_at(monkeypatch, step: int) -> list:
     return seen
 
 
-@pytest.mark.parametrize("before", ["transformers, sharded", "transformers, one file", "an earlier save of ours"])
+@pytest.mark.parametrize("before", ["transformers, sharded", "transformers, one file",
+                                    "an earlier save of ours"])
 def test_a_save_killed_at_any_point_loads_old_or_new_or_is_refused(tmp_path, monkeypatch, before):
     """Never a silent mix: the old model, the new one, or a Phi3Error saying the checkpoint is incomplete."""
     source = tmp_path / "source"
@@ -170,11 +172,13 @@ def test_a_checkpoint_mixed_by_hand_from_two_saves_is_refused(tmp_path):
     p3.Phi3ForCausalLM.from_pretrained(TINY).save_pretrained(tmp_path / "a")
     changed(p3.Phi3ForCausalLM.from_pretrained(TINY)).save_pretrained(tmp_path / "b")
     shutil.copy(tmp_path / "a" / "config.json", tmp_path / "b" / "config.json")
-    with pytest.raises(Phi3Error, match=r"checkpoint .*b is incomplete: its weights are from save [0-9a-f]{32}, but"):
+    with pytest.raises(Phi3Error,
+                       match=r"checkpoint .*b is incomplete: its weights are from save [0-9a-f]{32}, but"):
         p3.Phi3ForCausalLM.from_pretrained(tmp_path / "b")
 
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES], ids=["a full disk", "a folder that cannot be written"])
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES],
+                         ids=["a full disk", "a folder that cannot be written"])
 def test_a_failed_write_names_the_file_and_changes_nothing(tmp_path, monkeypatch, error):
     import safetensors.torch
 
@@ -211,8 +215,10 @@ def test_the_tokenizer_saves_files_that_load_here_and_in_transformers(tmp_path):
     (tmp_path / "notes.txt").write_text("kept")
     tokenizer = p3.Tokenizer.from_pretrained(TINY)
     tokenizer.save_pretrained(tmp_path)
-    ours, theirs = p3.Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for text in ["The KV cache keeps keys.", "<|user|>\nWhat is RoPE?<|end|>\n<|assistant|>", "  two  spaces"]:
+    ours, theirs = (p3.Tokenizer.from_pretrained(tmp_path),
+                    transformers.AutoTokenizer.from_pretrained(tmp_path))
+    for text in ["The KV cache keeps keys.", "<|user|>\nWhat is RoPE?<|end|>\n<|assistant|>",
+                 "  two  spaces"]:
         assert ours.encode(text) == tokenizer.encode(text)
         assert theirs(text).input_ids == tokenizer.encode(text)
     chat = [{"role": "user", "content": "hi"}]

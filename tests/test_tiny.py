@@ -37,12 +37,13 @@ def test_the_tiny_model_answers_a_corpus_question_in_the_chat_template():
 
 
 def test_train_tiny_writes_a_loadable_checkpoint_and_its_hashes(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--out", str(tmp_path), "--steps", "3"],
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--out", str(tmp_path),
+                           "--steps", "3"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     hashes = dict(re.findall(r"^([0-9a-f]{64})\s+[\d,]+ B\s+(\S+)$", done.stdout, re.M))
-    names = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
-             "tokenizer_config.json", "training.json"}
+    names = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer.model", "tokenizer_config.json", "training.json"}
     assert {Path(p).name for p in hashes.values()} == names
     for digest, path in hashes.items():
         assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
@@ -60,7 +61,8 @@ def test_the_shipped_tokenizer_json_is_the_one_its_tokenizer_model_makes(tmp_pat
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--out", str(tmp_path),
                            "--tokenizer-json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads((TINY / "tokenizer.json").read_text())
+    assert (json.loads((tmp_path / "tokenizer.json").read_text())
+            == json.loads((TINY / "tokenizer.json").read_text()))
 
 
 def test_transformers_autotokenizer_reads_the_tiny_folder_as_ours_does():

@@ -41,14 +41,16 @@ def real_tokenizer_folder() -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = [try_to_load_from_cache(REPO, name) for name in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json")]
+    found = [try_to_load_from_cache(REPO, name) for name in ("tokenizer.model", "tokenizer_config.json",
+                                                             "tokenizer.json")]
     return Path(found[0]).parent if all(isinstance(f, str) for f in found) else None
 
 
 REAL = real_tokenizer_folder()
 needs_real_tokenizer = pytest.mark.skipif(
-    REAL is None, reason=f"the real Phi-3 tokenizer is absent: it is in the dev workspace's shared/fixtures, or "
-                         f"`hf download {REPO} tokenizer.model tokenizer.json tokenizer_config.json` puts it in the cache")
+    REAL is None,
+    reason=f"the real Phi-3 tokenizer is absent: it is in the dev workspace's shared/fixtures, or "
+           f"`hf download {REPO} tokenizer.model tokenizer.json tokenizer_config.json` puts it in the cache")
 
 
 def reference_tokenizer(folder: Path):
@@ -139,7 +141,8 @@ def added_id(tok, content: str) -> int:
 
 
 def check_corpus(tok, reference, report, name: str) -> None:
-    """Every CORPUS string gives the reference's ids (pieces and text, where a run of spaces is cut elsewhere)."""
+    """Every CORPUS string gives the reference's ids (pieces and text, where a run of spaces is cut
+    elsewhere)."""
     n_tokens = n_runs = n_split_differently = 0
     for text in CORPUS:
         ours, theirs = tok.encode(text), reference.encode(text, add_special_tokens=False).ids
@@ -157,9 +160,11 @@ def check_corpus(tok, reference, report, name: str) -> None:
             assert reference.decode(ours, skip_special_tokens=skip) == expected, text
         if not ADDED_TOKEN.search(text):  # else rstrip has dropped whitespace
             assert tok.decode(ours) == text
-    report(f"tokenizer corpus, {name}: {len(CORPUS)} strings, {sum(map(len, CORPUS))} characters, {n_tokens} tokens; "
+    report(f"tokenizer corpus, {name}: {len(CORPUS)} strings, {sum(map(len, CORPUS))} characters, "
+           f"{n_tokens} tokens; "
            f"ids equal to tokenizer.json for all {len(CORPUS) - n_runs} without a run of spaces, "
-           f"same text and pieces for the {n_runs} with one ({n_split_differently} of them split differently)")
+           f"same text and pieces for the {n_runs} with one "
+           f"({n_split_differently} of them split differently)")
 
 
 @needs_real_tokenizer
@@ -191,12 +196,14 @@ def test_golden_ids_of_the_real_phi3_tokenizer():
 
 @needs_real_tokenizer
 def test_corpus_matches_the_published_tokenizer_json(report):
-    """The real Phi-3 tokenizer against the published tokenizer.json, and the rebuilt reference against both."""
+    """The real Phi-3 tokenizer against the published tokenizer.json, and the rebuilt reference against
+    both."""
     import tokenizers
     published = tokenizers.Tokenizer.from_file(str(REAL / "tokenizer.json"))
     tok, rebuilt = Tokenizer.from_pretrained(REAL), reference_tokenizer(REAL)
     for text in CORPUS:
-        assert rebuilt.encode(text, add_special_tokens=False).ids == published.encode(text, add_special_tokens=False).ids
+        assert (rebuilt.encode(text, add_special_tokens=False).ids
+                == published.encode(text, add_special_tokens=False).ids)
     check_corpus(tok, published, report, "real Phi-3")
 
 
@@ -232,7 +239,8 @@ def test_added_tokens_strip_whitespace(tok):
     hola = tok.encode("hola")
     assert tok.encode("<|user|>\n\n  hola<|end|>\n") == [user, *hola, end]
     assert tok.encode("<|user|>hola<|end|>") == [user, *hola, end]
-    assert tok.encode("x<|endoftext|>\ny")[len(tok.encode("x")):][:2] == [eot, *tok.encode("\ny")[:1]]  # no rstrip
+    # no rstrip
+    assert tok.encode("x<|endoftext|>\ny")[len(tok.encode("x")):][:2] == [eot, *tok.encode("\ny")[:1]]
     assert tok.decode([user, *hola, end]) == "<|user|> hola<|end|>"
     assert tok.decode([user, *hola, end], skip_special_tokens=True) == "hola"
 
@@ -251,7 +259,8 @@ def test_lstrip_and_add_bos_follow_the_config(tmp_path, tok):
 
     shutil.copy(TINY / "tokenizer.model", tmp_path / "tokenizer.model")
     config = json.loads((TINY / "tokenizer_config.json").read_text())
-    config["added_tokens_decoder"][str(tok.vocab_size)] = {"content": "<|x|>", "lstrip": True, "special": True}
+    config["added_tokens_decoder"][str(tok.vocab_size)] = {"content": "<|x|>", "lstrip": True,
+                                                           "special": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
     ours = Tokenizer.from_pretrained(tmp_path)
     theirs = reference_tokenizer(TINY)
@@ -274,12 +283,14 @@ def test_stream_decoder_matches_decode(tok, skip):
 def test_stream_decoder_holds_bytes_until_a_character_is_whole(tok):
     ids = tok.encode("ok 🦙🏽")  # two characters the tiny vocabulary has no piece for
     emoji = [tok.id_to_piece(i) for i in ids[-8:]]
-    assert emoji == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>", "<0xF0>", "<0x9F>", "<0x8F>", "<0xBD>"]  # byte fallback
+    # byte fallback
+    assert emoji == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>", "<0xF0>", "<0x9F>", "<0x8F>", "<0xBD>"]
     decoder = tok.stream_decoder()
     pushes = [decoder.push(i) for i in ids]
     assert "".join(pushes[:-8]) == "ok " and pushes[-8:] == ["", "", "", "🦙", "", "", "", "🏽"]
     decoder = tok.stream_decoder()
-    assert decoder.push(tok.encode("Hi")[0]) == tok.id_to_piece(tok.encode("Hi")[0]).lstrip("▁")  # no leading space
+    # no leading space
+    assert decoder.push(tok.encode("Hi")[0]) == tok.id_to_piece(tok.encode("Hi")[0]).lstrip("▁")
     assert decoder.push(torch.tensor(added_id(tok, "<|end|>"))) == ""  # special, skipped
 
 
@@ -335,7 +346,8 @@ def with_config(tmp_path, **changes) -> Tokenizer:
 def test_a_message_the_chat_template_leaves_out_is_an_error(tok, tmp_path):
     """Phi-3's template skips a role it does not know without a word: the user's text would be lost."""
     with pytest.raises(Phi3Error, match=r"this checkpoint's chat template left out message 1 \(role 'usr'\)"):
-        tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "usr", "content": "hi"}])
+        tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                 {"role": "usr", "content": "hi"}])
     broken = with_config(tmp_path, chat_template="{{ 1 / 0 }}")
     with pytest.raises(Phi3Error, match="the chat template failed: ZeroDivisionError"):
         broken.apply_chat_template(CHATS[0])
@@ -346,7 +358,8 @@ def test_error_token_names_that_are_not_strings(tmp_path):
         with_config(tmp_path, eos_token=5)
     decoder = json.loads((TINY / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     first = next(iter(decoder))
-    with pytest.raises(Phi3Error, match="added_tokens_decoder is .*; expected entries like"):  # "false" would read as true
+    # "false" would read as true
+    with pytest.raises(Phi3Error, match="added_tokens_decoder is .*; expected entries like"):
         with_config(tmp_path, added_tokens_decoder={**decoder, first: {**decoder[first], "rstrip": "false"}})
 
 
@@ -354,7 +367,8 @@ def test_error_folder_without_tokenizer_model(tmp_path):
     with pytest.raises(Phi3Error, match="tokenizer.model not found, and no tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{}")  # read as Phi-4's byte-level BPE: it is not one
-    with pytest.raises(Phi3Error, match="tokenizer.json: expected a BPE model with a vocab, got model type None"):
+    with pytest.raises(Phi3Error,
+                       match="tokenizer.json: expected a BPE model with a vocab, got model type None"):
         Tokenizer.from_pretrained(tmp_path)
 
 

@@ -132,7 +132,8 @@ def test_what_is_not_a_byte_level_bpe_is_refused(tmp_path):
 # Long words: what a tokenizer meets in minified code, base64 or a run of one character. Each text is
 # several thousand characters; the old merge loop rescanned the word for every merge (O(n^2)).
 _RNG = random.Random(0)
-MIXED = "aéßжЖдλΩ中文字한글ع🦙👍🏽"  # Latin, Cyrillic, Greek, CJK, Hangul, Arabic, emoji, a skin-tone modifier
+# Latin, Cyrillic, Greek, CJK, Hangul, Arabic, emoji, a skin-tone modifier
+MIXED = "aéßжЖдλΩ中文字한글ع🦙👍🏽"
 
 
 def minified_code(rng: random.Random, n: int) -> str:

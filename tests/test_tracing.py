@@ -64,7 +64,8 @@ def test_a_trace_holds_one_forward_pass_never_a_mix(tiny_gqa):
         model(ids)
         model.model(ids[:, :2])
     assert t["final_norm"].shape[1] == t["layers.0.q"].shape[2] == 2 and "logits" not in t
-    assert list(t) == list(t.keys()) == list(t.flat()) and len(t) == 3 + 15 * len(t.layers) + 1  # every name, layers' too
+    # every name, layers' too
+    assert list(t) == list(t.keys()) == list(t.flat()) and len(t) == 3 + 15 * len(t.layers) + 1
 
 
 def test_logit_lens_last_layer_is_the_model_output(tiny_gqa):
@@ -95,7 +96,8 @@ def test_comparison_points_at_a_planted_bug(tiny_gqa, report):
     assert len(first) == 1 and first[0]["name"] == "layers.1.input_norm"
     assert all(r["ok"] for r in rows[: rows.index(first[0])])  # everything before it agrees
     report(f"compare, planted eps=0.5 in layers.1.input_layernorm: first flagged {first[0]['name']} "
-           f"(relative difference {first[0]['rel']:.2e}); {sum(not r['ok'] for r in rows)} of {len(rows)} above")
+           f"(relative difference {first[0]['rel']:.2e}); "
+           f"{sum(not r['ok'] for r in rows)} of {len(rows)} above")
 
 
 def test_comparison_checks_its_arguments(tiny_gqa, checkpoints):
@@ -105,15 +107,20 @@ def test_comparison_checks_its_arguments(tiny_gqa, checkpoints):
         compare_with_transformers(model, None, ids)
     with pytest.raises(p3.Phi3Error, match="model must be this package's Phi3ForCausalLM"):
         compare_with_transformers(hf, model, ids)  # the two swapped
-    with pytest.raises(p3.Phi3Error, match=r"input_ids must be a 2-D LongTensor \(batch, tokens\), got \(12,\)"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"input_ids must be a 2-D LongTensor \(batch, tokens\), got \(12,\)"):
         compare_with_transformers(model, hf, ids[0])
     with pytest.raises(p3.Phi3Error, match="tolerance must be a positive number"):
         compare_with_transformers(model, hf, ids, tolerance=-1)
     bf16 = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-longrope")[0], dtype="bf16")
-    with pytest.raises(p3.Phi3Error, match="the two models run in different dtypes, ours torch.bfloat16 and transformers' torch.float32"):
+    with pytest.raises(p3.Phi3Error,
+                       match="the two models run in different dtypes, ours torch.bfloat16 and transformers' "
+                             "torch.float32"):
         compare_with_transformers(bf16, hf, ids)
     other = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-window")[0])  # another checkpoint's shape
-    with pytest.raises(p3.Phi3Error, match=r"different shapes \(ours vs transformers'\): hidden_size 64 vs 96, num_attention_heads 4 vs 6"):
+    with pytest.raises(p3.Phi3Error,
+                       match=r"different shapes \(ours vs transformers'\): hidden_size 64 vs 96, "
+                             r"num_attention_heads 4 vs 6"):
         compare_with_transformers(other, hf, ids)
 
 
@@ -122,7 +129,8 @@ def test_comparison_in_bf16(checkpoints):
     import transformers
 
     model = p3.Phi3ForCausalLM.from_pretrained(folder, dtype="bf16")
-    hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    hf = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                      attn_implementation="eager").eval()
     rows = compare_with_transformers(model, hf, torch.randint(3, 256, (1, 12)))
     assert all(r["ok"] for r in rows), format_comparison(rows, 2e-2)
 
@@ -181,8 +189,9 @@ def test_a_name_the_trace_does_not_hold_says_what_it_holds():
     with p3.trace(model) as t:
         model(torch.tensor([[1, 2]]))
     for name in ("layers.9.q", "layers.x.q", "layers.0", "attn_probs", "layers.0.atn_probs"):
-        with pytest.raises(KeyError, match=rf"no record '{re.escape(name)}' in this trace \(print\(trace\) lists its 65 "
-                                           r"names; a layer's are layers.<0..3>.<input_norm\|q_raw\|"):
+        with pytest.raises(KeyError,
+                           match=rf"no record '{re.escape(name)}' in this trace \(print\(trace\) lists its "
+                                 r"65 names; a layer's are layers.<0..3>.<input_norm\|q_raw\|"):
             t[name]
     assert t.get("layers.9.q") is None and "layers.0.q" in t
     with pytest.raises(p3.Phi3Error, match=r"trace\(only=...\) takes a set of names, e.g. \{'attn_probs'\}"):

@@ -26,7 +26,8 @@ def test_the_pdb_session_replays(tmp_path):
     session = block("pdb-session").splitlines()
     commands = [line.removeprefix("(Pdb) ") for line in session if line.startswith("(Pdb) ")]
     assert any(c.startswith("break phi3_scratch.") for c in commands)  # breakpoints by qualified name
-    done = subprocess.run([sys.executable, "-m", "pdb", "decode.py"], input="\n".join(commands + ["quit"]) + "\n",
+    done = subprocess.run([sys.executable, "-m", "pdb", "decode.py"],
+                          input="\n".join(commands + ["quit"]) + "\n",
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     shown = [line for line in session if not line.startswith("(Pdb) ")]
@@ -34,15 +35,16 @@ def test_the_pdb_session_replays(tmp_path):
     at = 0
     for line in shown:
         found = done.stdout.find(line, at)
-        assert found >= 0, f"the walkthrough shows {line!r}, which pdb did not print (after position {at}):\n" \
-                           f"{done.stdout[at:at + 2000]}"
+        assert found >= 0, f"the walkthrough shows {line!r}, which pdb did not print " \
+                           f"(after position {at}):\n{done.stdout[at:at + 2000]}"
         at = found + len(line)
     assert "Error" not in done.stdout, done.stdout
 
 
 def test_the_walkthrough_names_code_by_qualified_name_only():
     text = DOC.read_text()
-    assert not re.search(r"\w\.py:\d+|\bl\. \d+|line \d+", text), "a file:line reference drifts when code moves"
+    assert not re.search(r"\w\.py:\d+|\bl\. \d+|line \d+", text), \
+        "a file:line reference drifts when code moves"
     names = set(re.findall(r"phi3_scratch(?:\.\w+)+", text))
     assert len(names) > 15
     for name in sorted(names):

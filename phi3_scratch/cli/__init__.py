@@ -49,8 +49,8 @@ def check_device(device: str) -> None:
     try:
         resolve_device(device)
     except Phi3Error:
-        raise Phi3Error(f"--device {device}: not a device this model runs on; expected cpu, cuda, cuda:N or "
-                        "mps") from None
+        raise Phi3Error(f"--device {device}: not a device this model runs on; "
+                        "expected cpu, cuda, cuda:N or mps") from None
 
 
 def version() -> str:
@@ -83,16 +83,16 @@ def build_parser() -> Parser:
                      default=200, help="at most this many new tokens (default 200)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     gen.add_argument("--temperature", type=float, default=None,
-                     help="0 is greedy; the default is greedy, or 1.0 when --top-k, --top-p or --seed is "
-                          "given")
+                     help="0 is greedy; the default is greedy, "
+                          "or 1.0 when --top-k, --top-p or --seed is given")
     gen.add_argument("--top-k", type=positive_int, default=None,
                      help="sample (with --temperature) among the k likeliest")
     gen.add_argument("--top-p", type=float, default=None,
                      help="sample (with --temperature) within probability p")
     gen.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     gen.add_argument("--compile", action="store_true",
-                     help="compile the decode step (torch.compile; a CUDA graph on a GPU): faster after a "
-                          "warm-up")
+                     help="compile the decode step (torch.compile; a CUDA graph on a GPU): "
+                          "faster after a warm-up")
     chat = Parser(add_help=False)
     chat.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     prompt = Parser(add_help=False)
@@ -119,17 +119,17 @@ def build_parser() -> Parser:
                    help="timed runs of each way; the median is shown (default 3)")
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step")
     p.add_argument("--vs-transformers", action="store_true",
-                   help="instead: this model against transformers' on the same checkpoint, one JSON line per "
-                        "figure")
+                   help="instead: this model against transformers' on the same checkpoint, "
+                        "one JSON line per figure")
     p.add_argument("--prefill", type=positive_int, nargs="*", default=None,
                    help="with --vs-transformers: prompt lengths whose forward pass is timed (default 512)")
     p = sub.add_parser("tour", parents=[common, gen], help="the whole notebook, in order")
     p.add_argument("-p", "--prompt", default=None,
-                   help="the generation step's prompt (default: the notebook's; for --model tiny, a question "
-                        "it knows)")
+                   help="the generation step's prompt "
+                        "(default: the notebook's; for --model tiny, a question it knows)")
     p.add_argument("--runs", type=positive_int, default=5,
-                   help="timed runs of the KV-cache step, after an untimed one; the median is shown (default "
-                        "5)")
+                   help="timed runs of the KV-cache step, after an untimed one; "
+                        "the median is shown (default 5)")
     p = sub.add_parser("step", parents=[common, chat, prompt], help="decode one token at a time, your choice")
     p.add_argument("--top-k", type=positive_int, default=5, help="candidates shown at each step (default 5)")
     p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int,
@@ -143,15 +143,15 @@ def build_parser() -> Parser:
     p.add_argument("--out", default="attention.png", help="the PNG file to write (default attention.png)")
     p = sub.add_parser("compare", parents=[common, chat], help="every intermediate against transformers")
     p.add_argument("--prompt", default=COMPARE_PROMPT,
-                   help=f"the input both models run; - reads standard input "
-                                                             f"(default {COMPARE_PROMPT!r})")
+                   help=f"the input both models run; - reads standard input (default {COMPARE_PROMPT!r})")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest relative difference accepted (default 1e-5 in fp32, 2e-2 in bf16/fp16)")
     p = sub.add_parser("explore", parents=[common, chat, prompt], help="one forward pass, drawn in a browser")
     p.add_argument("--out", default="explore.html", help="the HTML file to write (default explore.html)")
     p = sub.add_parser("serve", parents=[common, chat], help="the explore view, live, with an Ablate control")
     p.add_argument("-p", "--prompt", default=None, help="the first prompt the page shows")
-    p.add_argument("--port", type=int, default=8000, help="the port to listen on (default 8000; 0: any free one)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="the port to listen on (default 8000; 0: any free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on (default 127.0.0.1: this machine only)")
     return parser
@@ -166,16 +166,16 @@ def resolve_prompt(args) -> None:
     """PROMPT as a positional or as -p/--prompt (not both); '-' reads it from standard input."""
     flag = getattr(args, "prompt_flag", None)
     if flag is not None and args.prompt is not None:
-        raise Phi3Error(f"the prompt was given twice: as PROMPT {args.prompt!r:.40} and as -p {flag!r:.40}; "
-                        "give one")
+        raise Phi3Error(f"the prompt was given twice: as PROMPT {args.prompt!r:.40} "
+                        f"and as -p {flag!r:.40}; give one")
     args.prompt = flag if flag is not None else args.prompt
     if args.prompt is None:
-        raise Phi3Error(f"{args.command} needs a PROMPT: as an argument, with -p, or '-' to read standard "
-                        "input")
+        raise Phi3Error(f"{args.command} needs a PROMPT: as an argument, with -p, "
+                        "or '-' to read standard input")
     if args.prompt == "-":
         if args.command == "step":  # its answers come from standard input: a prompt there would use them up
-            raise Phi3Error("step reads its choices from standard input: give the prompt as an argument or "
-                            "with -p, not '-'")
+            raise Phi3Error("step reads its choices from standard input: "
+                            "give the prompt as an argument or with -p, not '-'")
         args.prompt = read_stdin()
 
 
@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             given = args.temperature  # None: not given
             args.temperature = 0.0 if given is None else given
             check_sampling(args.temperature, args.top_k, args.top_p, args.seed, flags=True)
-            sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed",
-                                                                                                    args.seed))
+            sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                                                 ("--seed", args.seed))
                         if value is not None]
             if sampling and given is None:
                 verb = "matters" if len(sampling) == 1 else "matter"
@@ -218,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 resolve_dtype(args.dtype.lower(), torch.device("cpu"), torch.float32)
             except Phi3Error:
-                raise Phi3Error(f"--dtype {args.dtype}: not a dtype this model runs in; expected bf16, fp16 "
-                                "or fp32 "
-                                "(or bfloat16, float16, float32, half), or auto for the checkpoint's") from None
+                raise Phi3Error(f"--dtype {args.dtype}: not a dtype this model runs in; "
+                                "expected bf16, fp16 or fp32 (or bfloat16, float16, float32, half), "
+                                "or auto for the checkpoint's") from None
             args.dtype = args.dtype.lower()
         if getattr(args, "compile", False) and getattr(args, "no_cache", False):
-            raise Phi3Error("--compile compiles the cached decode step; it cannot be combined with --no-cache")
+            raise Phi3Error("--compile compiles the cached decode step; "
+                            "it cannot be combined with --no-cache")
         code = COMMANDS[args.command](args)  # None for 0; compare returns 1 when it finds a difference
     except Phi3Error as e:  # exit status 2, as for a mistyped flag (argparse) and diff's trouble
         print(f"error: {e}", file=sys.stderr)

@@ -31,10 +31,12 @@ def cmd_arch(args, model=None) -> None:
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element  # k and v
     size = weight_bytes(model)
     kind = f" ({c.quantization} matrices, scales and the rest)" if c.quantization else ""
-    print(f"\nweights: {size / 1e9:.3f} GB ({size / 2**30:.3f} GiB) in {model.model.embed_tokens.weight.dtype}{kind}")
+    print(f"\nweights: {size / 1e9:.3f} GB ({size / 2**30:.3f} GiB) in "
+          f"{model.model.embed_tokens.weight.dtype}{kind}")
     print(f"KV cache: {per_token / 1024:.1f} KiB per token (2 x {c.num_hidden_layers} layers x "
           f"{c.num_key_value_heads} kv heads x {c.head_dim} x {element} B); "
-          f"{per_token * c.max_position_embeddings / 2**30:.3f} GiB for all {c.max_position_embeddings} positions")
+          f"{per_token * c.max_position_embeddings / 2**30:.3f} GiB "
+          f"for all {c.max_position_embeddings} positions")
 
 
 def cmd_next_token(args, loaded=None) -> None:
@@ -45,7 +47,9 @@ def cmd_next_token(args, loaded=None) -> None:
         logits = model.lm_head(hidden[:, -1]).float()[0]  # the head, last position only: (V,)
     probs = logits.softmax(-1)
     top = logits.topk(min(args.top_k, logits.numel()))
-    print(f"hidden state {tuple(hidden.shape)} -> logits {tuple(logits.shape)}; argmax: {int(logits.argmax())}")
+    print(f"hidden state {tuple(hidden.shape)} -> logits {tuple(logits.shape)}; "
+          f"argmax: {int(logits.argmax())}")
     print(f"{'rank':>4s} {'id':>7s}  {'token':20s}{'logit':>9s}{'prob':>9s}")
     for rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-        print(f"{rank:>4d} {token:>7d}  {tokenizer.id_to_piece(token)!r:20s}{value:>9.3f}{probs[token].item():>9.2%}")
+        print(f"{rank:>4d} {token:>7d}  "
+              f"{tokenizer.id_to_piece(token)!r:20s}{value:>9.3f}{probs[token].item():>9.2%}")

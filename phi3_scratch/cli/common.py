@@ -68,7 +68,8 @@ def model_config(args) -> Phi3Config:
 def meta_model(args) -> Phi3ForCausalLM:
     """The model of --model with shapes and dtypes but no weights (the meta device): for `arch`."""
     config = model_config(args)
-    dtype = resolve_dtype(args.dtype or "auto", torch.device("cpu"), saved_dtype(config))  # the checkpoint's, unless --dtype says
+    # the checkpoint's, unless --dtype says
+    dtype = resolve_dtype(args.dtype or "auto", torch.device("cpu"), saved_dtype(config))
     config.quantization = method_to_load(args.quantize, config.quantization, args.model)  # arch prints it
     return on_meta(config, dtype, config.quantization)
 
@@ -92,8 +93,8 @@ def check_max_new_tokens(args) -> Phi3Config:
     returns the config."""
     config = model_config(args)
     if getattr(args, "max_new_tokens", 0) > config.max_position_embeddings:
-        raise Phi3Error(f"--max-new-tokens {args.max_new_tokens}: more new tokens than the model has positions "
-                        f"({config.max_position_embeddings}), prompt included")
+        raise Phi3Error(f"--max-new-tokens {args.max_new_tokens}: more new tokens than the model has "
+                        f"positions ({config.max_position_embeddings}), prompt included")
     return config
 
 
@@ -104,9 +105,9 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     # The tokenizer first (for a repo id, its files only): one that cannot be read fails in seconds,
     # before gigabytes of weights download.
     if not args.tokenizer and local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_MODELS):
-        raise Phi3Error(f"{local / 'tokenizer.model'} not found, and no tokenizer.json: {args.model} holds no "
-                        "tokenizer (model.save_pretrained writes none); give one with --tokenizer DIR (or a repo "
-                        "id, or 'tiny')")
+        raise Phi3Error(f"{local / 'tokenizer.model'} not found, and no tokenizer.json: {args.model} "
+                        "holds no tokenizer (model.save_pretrained writes none); "
+                        "give one with --tokenizer DIR (or a repo id, or 'tiny')")
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     if tokenizer.vocab_size > config.vocab_size:  # its ids would run past the embedding
         which = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer of {args.model}"
@@ -121,18 +122,20 @@ def load(args) -> tuple[Phi3ForCausalLM, Tokenizer]:
     def progress(done: int, total: int) -> None:
         if not bars:  # a log file or a pipe gets the first and the last state only
             every = 0.1 if sys.stderr.isatty() else float("inf")
-            bars.append(tqdm(total=total, desc="  weights", unit=" tensors", file=sys.stderr, mininterval=every,
-                             bar_format=BAR))
+            bars.append(tqdm(total=total, desc="  weights", unit=" tensors", file=sys.stderr,
+                             mininterval=every, bar_format=BAR))
         bars[0].update(done - bars[0].n)
 
     try:
-        model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype, progress=progress,
-                                                attention=args.attention, quantize=args.quantize)
+        model = Phi3ForCausalLM.from_pretrained(folder, device=args.device, dtype=args.dtype,
+                                                progress=progress, attention=args.attention,
+                                                quantize=args.quantize)
     finally:
         for bar in bars:
             bar.close()
     weight = model.model.embed_tokens.weight
-    kind = f"{model.config.quantization} matrices, {weight.dtype} otherwise" if model.config.quantization else weight.dtype
+    kind = (f"{model.config.quantization} matrices, {weight.dtype} otherwise" if model.config.quantization
+            else weight.dtype)
     log(f"loaded {count(model):,} parameters ({kind}, {weight_bytes(model) / 1e9:.3f} GB) and "
         f"the tokenizer in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
@@ -149,9 +152,10 @@ def say_memory(args, config: Phi3Config) -> None:
     if size > 2**30:
         hint = "; --dtype bf16 halves it" if dtype == torch.float32 else ""
         if not quantize:
-            hint += ("; " if not hint else ", ") + ("--quantize int8 takes about a quarter of fp32, int4 a sixth "
-                                                    "(fastest with --compile)")
-        log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} on the CPU{hint}")
+            hint += ("; " if not hint else ", ") + ("--quantize int8 takes about a quarter of fp32, "
+                                                    "int4 a sixth (fastest with --compile)")
+        log(f"the weights take {size / 1e9:.1f} GB of memory in {str(dtype).removeprefix('torch.')} "
+            f"on the CPU{hint}")
 
 
 def count(model) -> int:
@@ -181,9 +185,9 @@ def stream_text(model, tokenizer, ids, args, new: list[int] | None = None) -> li
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     started = False  # an input refused before the first token leaves stdout as it was
     try:
-        for token in stream_tokens(model, ids, args.max_new_tokens, use_cache=not args.no_cache, eos_token_id=stops,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                   compile=args.compile):
+        for token in stream_tokens(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
+                                   eos_token_id=stops, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed, compile=args.compile):
             started = True
             token = int(token[0])
             if token in stops:

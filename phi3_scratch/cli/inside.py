@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import Phi3Error
-from .common import digits, encode_prompt, load, log, model_config, model_folder, require_transformers, stop_ids
+from .common import (digits, encode_prompt, load, log, model_config, model_folder, require_transformers,
+                     stop_ids)
 
 
 COMPARE_PROMPT = "The KV cache keeps the keys and values of earlier tokens."
@@ -23,7 +24,8 @@ def cmd_step(args) -> None:
 
     model, tokenizer = load(args)
     prompt = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)[0].tolist()
-    stepper = Stepper(model, prompt, tokenizer=tokenizer, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    stepper = Stepper(model, prompt, tokenizer=tokenizer, top_k=args.top_k,
+                      max_new_tokens=args.max_new_tokens)
     stops = stop_ids(model, tokenizer)
     print("Enter takes the most likely token, a number picks that candidate, q quits.")
     record = stepper.record()
@@ -67,7 +69,8 @@ def cmd_lens(args) -> None:
         print(f"{'layer':>5s}  {'top token':24s}{'prob':>8s}   prob of {piece(final)}")
         for layer in range(lens.shape[0]):
             top = int(lens[layer].argmax())
-            print(f"{layer:>5d}  {f'{top} {piece(top)}':24s}{probs[layer, top]:>8.1%}   {probs[layer, final]:>8.1%}")
+            print(f"{layer:>5d}  {f'{top} {piece(top)}':24s}{probs[layer, top]:>8.1%}   "
+                  f"{probs[layer, final]:>8.1%}")
         return
     tops = lens.argmax(-1).tolist()  # (layers, T): each layer's top token at each position
     tokens = ids[0].tolist()
@@ -79,7 +82,8 @@ def cmd_lens(args) -> None:
 
 
 def cmd_attention(args) -> None:
-    from ..plotting import attention_figure, attention_maps, check_png_path, need_matplotlib, save_attention_png
+    from ..plotting import (attention_figure, attention_maps, check_png_path, need_matplotlib,
+                            save_attention_png)
     from ..tracing import trace
 
     check_png_path(args.out, "--out")  # the picture's name and matplotlib, before the weights load
@@ -89,7 +93,8 @@ def cmd_attention(args) -> None:
     layer = "all" if args.layer == "all" else int(args.layer)
     config = model_config(args)  # --layer and --head are checked before the weights load
     if layer != "all" and layer >= config.num_hidden_layers:
-        raise Phi3Error(f"--layer {layer}: the model has {config.num_hidden_layers} layers, 0..{config.num_hidden_layers - 1}")
+        raise Phi3Error(f"--layer {layer}: the model has {config.num_hidden_layers} layers, "
+                        f"0..{config.num_hidden_layers - 1}")
     if args.head is not None and layer == "all":
         raise Phi3Error("--head goes with one layer: --layer all draws every layer's heads averaged; "
                         "give --layer N to see one head")
@@ -112,8 +117,9 @@ def cmd_compare(args) -> None:
     transformers = require_transformers("compare")
     saved = model_config(args).quantization
     if saved:  # transformers would read the integers as weights and drop the scales
-        raise Phi3Error(f"compare: {args.model} is a checkpoint saved {saved}, which transformers cannot read; "
-                        f"compare the full-precision checkpoint it came from, with --quantize {saved}")
+        raise Phi3Error(f"compare: {args.model} is a checkpoint saved {saved}, which transformers "
+                        f"cannot read; compare the full-precision checkpoint it came from, "
+                        f"with --quantize {saved}")
     model, tokenizer = load(args)
     weight = model.model.embed_tokens.weight
     log(f"loading transformers' Phi3ForCausalLM (eager attention) from the same folder, {weight.dtype}")

@@ -25,7 +25,8 @@ def cmd_chat(args) -> None:
         readline = None
     log(f"chat: type a message. {CHAT_HELP}")
     history: list[dict] = []
-    limit = model.config.max_position_embeddings + 1 - args.max_new_tokens  # room for the prompt (the last token is not fed back)
+    # room for the prompt (the last token is not fed back)
+    limit = model.config.max_position_embeddings + 1 - args.max_new_tokens
     while True:
         try:
             line = input("you> ").strip()
@@ -57,13 +58,15 @@ def cmd_chat(args) -> None:
             turn = turn[2:]
             ids = tokenizer.encode(tokenizer.apply_chat_template(turn))
         if len(ids) > limit:
-            log(f"error: that message is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} at most "
-                f"{limit} fit in the model's {model.config.max_position_embeddings} positions. Try a shorter one.")
+            log(f"error: that message is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} "
+                f"at most {limit} fit in the model's {model.config.max_position_embeddings} positions. "
+                "Try a shorter one.")
             continue
         print("assistant> ", end="", flush=True)
         reply: list[int] = []
         try:
-            stream_text(model, tokenizer, torch.tensor([ids], device=model.lm_head.weight.device), args, reply)
+            stream_text(model, tokenizer, torch.tensor([ids], device=model.lm_head.weight.device),
+                        args, reply)
         except KeyboardInterrupt:
             log("[reply stopped]")  # the conversation goes on with the part that was written
         history = turn + [{"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)}]

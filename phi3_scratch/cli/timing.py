@@ -21,7 +21,8 @@ NOTEBOOK_PROMPTS = {
     "generate": "Mandale un mensajito a Juan pidiéndole perdón por haberle pisado el pie en el bondi. "
                 "Explicale qué pasó, pero sin chamuyo.",
     "next_token": "La universidad más prestigiosa del mundo es la Universidad de",
-    "timing": "Escribe una carta muy larga explicando por qué el asado del domingo se quemó. Describe qué salió mal.",
+    "timing": "Escribe una carta muy larga explicando por qué el asado del domingo se quemó. "
+              "Describe qué salió mal.",
 }
 
 
@@ -29,7 +30,8 @@ def cmd_bench(args, loaded=None) -> None:
     if getattr(args, "vs_transformers", False):
         return bench_vs_transformers(args)
     if getattr(args, "prefill", None) is not None:  # would be ignored
-        raise Phi3Error("--prefill times a forward pass against transformers': it goes with --vs-transformers")
+        raise Phi3Error("--prefill times a forward pass against transformers': "
+                        "it goes with --vs-transformers")
     model, tokenizer = loaded or load(args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat, model.lm_head.weight.device)
     ways = {"with KV cache": dict(use_cache=True), "without cache": dict(use_cache=False)}
@@ -49,12 +51,15 @@ def cmd_bench(args, loaded=None) -> None:
                 torch.cuda.synchronize()
             times[way].append(time.perf_counter() - start)
     new = out.shape[1] - ids.shape[1]
-    print(f"{new} new tokens after a {ids.shape[1]}-token prompt, {args.runs} run{'s' * (args.runs != 1)} each, stop tokens ignored")
+    print(f"{new} new tokens after a {ids.shape[1]}-token prompt, "
+          f"{args.runs} run{'s' * (args.runs != 1)} each, stop tokens ignored")
     for way in ways:
         median = statistics.median(times[way])
         print(f"{way:15s} median {median:8.3f} s  {new / median:8.1f} tokens/s  "
               f"(runs: {', '.join(f'{t:.3f}' for t in times[way])})")
-    print(f"the cache is {statistics.median(times['without cache']) / statistics.median(times['with KV cache']):.1f}x faster")
+    print("the cache is "
+          f"{statistics.median(times['without cache']) / statistics.median(times['with KV cache']):.1f}x "
+          "faster")
 
 
 def bench_vs_transformers(args) -> None:
@@ -62,22 +67,24 @@ def bench_vs_transformers(args) -> None:
     from .. import benchmark
 
     require_transformers("bench --vs-transformers")
-    chosen = [flag for flag, given in (("--quantize", args.quantize), ("--attention", args.attention != "eager"),
+    chosen = [flag for flag, given in (("--quantize", args.quantize),
+                                       ("--attention", args.attention != "eager"),
                                        ("--compile", args.compile)) if given]
     if chosen:
-        raise Phi3Error(f"bench --vs-transformers times every variant itself (this model eager, sdpa, compiled, int8 "
-                        f"and compiled int8; transformers' eager, sdpa and compiled): drop {', '.join(chosen)}")
+        raise Phi3Error(f"bench --vs-transformers times every variant itself (this model eager, sdpa, "
+                        f"compiled, int8 and compiled int8; transformers' eager, sdpa and compiled): "
+                        f"drop {', '.join(chosen)}")
     check_max_new_tokens(args)
     folder = model_folder(args)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or folder)
     tokens = len(encode_prompt(tokenizer, args.prompt, args.chat, "cpu")[0])
-    argv = ["--checkpoint", str(folder), "--label", args.model, "--device", args.device, "--runs", str(args.runs),
-            "--new-tokens", str(args.max_new_tokens), "--prompt-len", str(tokens), "--prefill",
-            *map(str, [512] if args.prefill is None else args.prefill)]
+    argv = ["--checkpoint", str(folder), "--label", args.model, "--device", args.device,
+            "--runs", str(args.runs), "--new-tokens", str(args.max_new_tokens), "--prompt-len", str(tokens),
+            "--prefill", *map(str, [512] if args.prefill is None else args.prefill)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    print(f"phi3_scratch and transformers on {args.model}: a random prompt of {tokens} tokens (as long as PROMPT), "
-          f"{args.max_new_tokens} new tokens; one JSON line per measurement", flush=True)
+    print(f"phi3_scratch and transformers on {args.model}: a random prompt of {tokens} tokens "
+          f"(as long as PROMPT), {args.max_new_tokens} new tokens; one JSON line per measurement", flush=True)
     benchmark.main(argv)
 
 
@@ -93,7 +100,8 @@ def cmd_tour(args) -> None:
     prompt = args.prompt or (TOUR_PROMPT if tiny else NOTEBOOK_PROMPTS["generate"])
     template = "in the chat template" if tiny else "as it is (no chat template)"
     how = f"sampled at temperature {args.temperature:g}" if args.temperature > 0 else "greedy"
-    print(f"\n== 2. Generate: {prompt!r} {template}, {how}, {args.max_new_tokens} new tokens, only the new text ==")
+    print(f"\n== 2. Generate: {prompt!r} {template}, {how}, {args.max_new_tokens} new tokens, "
+          "only the new text ==")
     stream_text(model, tokenizer, encode_prompt(tokenizer, prompt, tiny, device), args)
     print("\n== 3. Architecture: embedding, decoder layers (attention + MLP), final norm, head ==")
     cmd_arch(args, model)
