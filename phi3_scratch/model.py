@@ -326,16 +326,17 @@ def eager_attention(q, k, v, mask, probe=None) -> torch.Tensor:
     """
     B, nH, T, hd = q.shape
     nKV = k.shape[1]
-    tap = untouched if probe is None else probe
     q = q.view(B, nKV, nH // nKV, T, hd)  # (B, nKV, groups, T, hd)
     k, v = k[:, :, None], v[:, :, None]  # (B, nKV, 1, S, hd): broadcast over the group
     scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # (B, nKV, groups, T, S)
-    scores = tap("scores", scores.reshape(B, nH, T, -1)).reshape(scores.shape)  # tapped as (B, nH, T, S)
+    if probe is not None:  # a probe sees them per query head, (B, nH, T, S)
+        scores = probe("scores", scores.reshape(B, nH, T, -1)).reshape(scores.shape)
     # The mask is added in fp32, where the softmax runs anyway: in fp16, score + most negative
     # value would overflow to -inf, and a row of padding with every key masked would give NaN.
     scores = scores.float() + mask[:, None, None]  # (B, nKV, groups, T, S), mask broadcast over heads
     probs = F.softmax(scores, dim=-1).to(q.dtype)  # (B, nKV, groups, T, S), rows sum to 1
-    probs = tap("attn_probs", probs.reshape(B, nH, T, -1)).reshape(probs.shape)  # tapped as (B, nH, T, S)
+    if probe is not None:
+        probs = probe("attn_probs", probs.reshape(B, nH, T, -1)).reshape(probs.shape)
     out = probs @ v  # (B, nKV, groups, T, hd)
     return out.reshape(B, nH, T, hd)  # (B, nH, T, hd), head h = kv head h // groups
 
