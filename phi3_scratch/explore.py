@@ -25,7 +25,8 @@ import torch
 
 from .errors import Phi3Error, is_integer
 from .generation import as_causal_lm
-from .tracing import trace
+from .stepping import Stepper
+from .tracing import lens_logits, trace
 
 MAX_TOKENS = 128  # attention maps grow as layers x heads x T^2: a view is for reading, not for a book
 TOP = 10  # candidates shown for the next token
@@ -53,9 +54,9 @@ def explore_data(model, tokenizer, prompt: str, chat: bool = False, steps: int =
         logits = model(x)[0, -1].float()  # (V,)
     L, T = c.num_hidden_layers, len(ids)
     piece = lambda i: tokenizer.id_to_piece(i)
-    residuals = torch.stack([t[f"layers.{i}.residual"][0] for i in range(L)])  # (L, T, H)
+    residuals = torch.stack([layer["residual"][0] for layer in t.layers])  # (L, T, H)
     with torch.no_grad():
-        lens = model.lm_head(model.model.norm(residuals)).float().softmax(-1)  # (L, T, V)
+        lens = lens_logits(model, residuals).softmax(-1)  # (L, T, V)
     best = lens.max(-1)  # (L, T): each layer's top token at each position
     probs = logits.softmax(-1)
     top = probs.topk(min(TOP, probs.numel()))
@@ -89,18 +90,13 @@ def explore_data(model, tokenizer, prompt: str, chat: bool = False, steps: int =
 
 
 def cache_steps(model, x: torch.Tensor, steps: int, piece) -> list[dict]:
-    """A few greedy decode steps through one KV cache: what each step adds and how full the cache is."""
-    T = x.shape[1]
-    cache = model.new_cache(1, max_len=T + steps)
-    rows = []
-    with torch.no_grad():
-        logits = model(x, cache, logits_to_keep=1)  # the prefill
-        rows.append({"step": 0, "fed": T, "length": cache.length, "max_len": cache.max_len, "token": None})
-        for step in range(1, steps + 1):
-            token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-            logits = model(token, cache)
-            rows.append({"step": step, "fed": 1, "length": cache.length, "max_len": cache.max_len,
-                         "token": {"id": int(token), "piece": piece(int(token))}})
+    """A few greedy decode steps through one KV cache (a Stepper): what each adds, how full the cache is."""
+    stepper = Stepper(model, x, max_new_tokens=steps)
+    rows = [{"step": 0, "fed": x.shape[1], "length": stepper.record().cache_length,
+             "max_len": stepper.cache.max_len, "token": None}]  # the prefill
+    for step, record in enumerate(stepper, 1):  # each greedy choice, fed back through the cache
+        rows.append({"step": step, "fed": 1, "length": record.cache_length, "max_len": stepper.cache.max_len,
+                     "token": {"id": record.chosen, "piece": piece(record.chosen)}})
     return rows
 
 

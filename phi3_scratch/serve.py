@@ -21,7 +21,6 @@ import torch
 
 from .errors import Phi3Error, is_integer
 from .explore import explore_data, page
-from .generation import generate
 from .intervene import ablate_head, ablate_neuron, intervene
 
 MAX_BODY = 64 * 1024  # bytes: a prompt of a view is at most MAX_TOKENS tokens anyway
@@ -54,10 +53,10 @@ class Explorer:
                 return self.answer(prompt, chat)
 
     def answer(self, prompt, chat: bool) -> dict:
-        view = explore_data(self.model, self.tokenizer, prompt, chat, name=self.name)
-        ids = torch.tensor([[t["id"] for t in view["tokens"]]], device=self.model.lm_head.weight.device)
-        out = generate(self.model, ids, CONTINUATION, eos_token_id=[])
-        return {"view": view, "continuation": self.tokenizer.decode(out[0, ids.shape[1]:].tolist())}
+        # The view's KV-cache panel runs CONTINUATION greedy steps: they are the continuation.
+        view = explore_data(self.model, self.tokenizer, prompt, chat, steps=CONTINUATION, name=self.name)
+        new = [step["token"]["id"] for step in view["cache"][1:]]
+        return {"view": view, "continuation": self.tokenizer.decode(new)}
 
     def edits(self, ablate) -> dict | None:
         """p3.intervene's edits for the request's "ablate" field (None: no ablation)."""

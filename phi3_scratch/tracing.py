@@ -69,11 +69,6 @@ class Records(dict):
         """Whether attention must run the eager kernel: to record, or to edit, the probabilities."""
         return self.recording or bool(EAGER_NAMES & self.edits.keys())
 
-    def record(self, **tensors: torch.Tensor) -> None:
-        for name, tensor in tensors.items():
-            if self.recording and (self.only is None or name in self.only):
-                self[name] = tensor
-
 
 class Trace(Records):
     """The records of one forward pass, and the probe the model taps (model.untouched says how).
@@ -92,7 +87,8 @@ class Trace(Records):
     def begin(self, positions: torch.Tensor, mask: torch.Tensor) -> "Trace":
         """A forward pass starts: forget the last one's records, keep this one's positions and mask."""
         self.clear()
-        self.record(positions=positions, mask=mask)
+        self("positions", positions)  # inputs of the layers: recorded, never edited (intervene.where)
+        self("mask", mask)
         return self
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -189,7 +185,12 @@ def logit_lens(model: Phi3ForCausalLM, input_ids: torch.Tensor, all_positions: b
     residuals = torch.stack([layer["residual"] for layer in t.layers])  # (L, B, T, H)
     if not all_positions:
         residuals = residuals[:, :, -1]  # (L, B, H)
-    return model.lm_head(model.model.norm(residuals)).float()  # (L, B, [T,] V)
+    return lens_logits(model, residuals)  # (L, B, [T,] V)
+
+
+def lens_logits(model: Phi3ForCausalLM, residuals: torch.Tensor) -> torch.Tensor:
+    """What a residual stream would predict: fp32 logits of head(final_norm(h)), (..., H) -> (..., V)."""
+    return model.lm_head(model.model.norm(residuals)).float()
 
 
 # ------------------------------------------------------------------ comparison with transformers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import Phi3Error
 from .common import load, log
 
 SERVE_PROMPT = "The KV cache"  # the live page's first prompt, until the learner types another
@@ -11,17 +12,11 @@ def cmd_explore(args) -> None:
     from ..explore import explore
 
     if not args.out.lower().endswith((".html", ".htm")):  # before the weights load
-        raise_bad_out(args.out)
+        raise Phi3Error(f"--out must be a file name ending in .html (view.html, say), got {args.out!r}")
     model, tokenizer = load(args)
     path = explore(model, tokenizer, args.prompt, chat=args.chat, name=args.model).save(args.out)
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({size:.2f} MB): open it in a browser; nothing in it is fetched")
-
-
-def raise_bad_out(out: str) -> None:
-    from ..errors import Phi3Error
-
-    raise Phi3Error(f"--out must be a file name ending in .html (view.html, say), got {out!r}")
 
 
 def cmd_serve(args) -> None:
