@@ -38,7 +38,8 @@ The file map: the core above, then what surrounds it.
   - explore.py, serve.py: one forward pass drawn in the browser, as a file or live.
   - stepping.py: decode one token at a time, any token forced. plotting.py: attention heatmaps.
   - notebook.py, pipeline.py: the teaching notebook's transformers names.
-- speed: compiled.py (compile=True), quantize.py (int8, int4), benchmark.py and profiling.py.
+- speed: compiled.py (compile=True), quantize.py (int8, int4), benchmark.py and profiling.py;
+  cpu_kernels.py (and cpu_kernels.c): a decode step's products on every CPU core.
 - cli/: the `phi3-scratch` command; its __init__ parses, one module per group of commands.
 """
 

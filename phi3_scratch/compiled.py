@@ -15,22 +15,26 @@ How:
 - The prompt (prefill) and LongRoPE's cache rebuild run the same forward eagerly, into the same cache.
 
 Each cache length is one more compilation (about a minute for Phi-3-mini on a GPU), so lengths
-come in few sizes: CACHE_BLOCK (256) positions, doubled until the sequence fits. The cache is kept
-on the model and reused by the next call that fits in it, so that the compiled code and its CUDA
-graph are reused too. Should torch still reach its recompile limit, the stream goes on with the
-same step uncompiled, with a warning.
+come in few sizes: CACHE_BLOCK (256; 64 on the CPU) positions, doubled until the sequence fits.
+The cache is kept on the model and reused by the next call that fits in it, so that the compiled
+code and its CUDA graph are reused too. Should torch still reach its recompile limit, the stream
+goes on with the same step uncompiled, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 
 import torch
 
+from . import cpu_kernels
 from .cache import KVCache
 
 CACHE_BLOCK = 256
+# A CPU step reads every slot's keys and values too, but compiles in seconds, not a minute: shorter blocks.
+CPU_CACHE_BLOCK = 64
 
 
 def decode_step(model, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -47,8 +51,11 @@ def compiled_step(device: torch.device):
         # with which inductor turns each (1, H) x (H, N) product into a reduction kernel tuned for
         # this shape instead of calling cuBLAS (on an H200: 3.47 ms a step against ~3.6 with cuBLAS,
         # docs/SPEED.md). Both cost compile time: about a minute for Phi-3-mini.
+        # On the CPU: realize_opcount_threshold 0 stores each intermediate result once. By default
+        # inductor recomputes the cheap ones where they are read: the new key's rotary (cos, sin)
+        # then runs again for each of the cache's slots, in every layer (mid: 3.9 -> 2.0 ms a step).
         options = ({"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-                   if device.type == "cuda" else None)
+                   if device.type == "cuda" else {"realize_opcount_threshold": 0, "cpp_wrapper": True})
         _compiled[device.type] = torch.compile(decode_step, options=options, fullgraph=True, dynamic=False)
     return _compiled[device.type]
 
@@ -57,13 +64,13 @@ def static_cache(model, batch_size: int, needed: int) -> KVCache:
     """The model's reusable static cache for batch_size rows and at least `needed` positions, empty.
 
     The cache the model holds is reused if it is large enough and no open stream is using it;
-    otherwise a new one of CACHE_BLOCK x 2^k positions replaces it.
+    otherwise a new one of CACHE_BLOCK (CPU_CACHE_BLOCK on the CPU) x 2^k positions replaces it.
     """
-    max_len = CACHE_BLOCK
+    weight = model.model.embed_tokens.weight  # the model's dtype and device
+    max_len = CPU_CACHE_BLOCK if weight.device.type == "cpu" else CACHE_BLOCK
     while max_len < needed:
         max_len *= 2
     max_len = min(max_len, model.config.max_position_embeddings)
-    weight = model.model.embed_tokens.weight  # the model's dtype and device
     held = getattr(model, "_static_cache", None)
     fits = held is not None and held.batch_size == batch_size and held.max_len >= needed and \
         held.keys[0].dtype == weight.dtype and held.keys[0].device == weight.device
@@ -88,7 +95,19 @@ class CompiledDecoder:
         cache.real.fill_(True)  # (B, max_len): the prompt's padding; every generated token is real
         if attention_mask is not None:
             cache.real[:, : attention_mask.shape[1]] = attention_mask.bool()
-        self.step = compiled_step(model.lm_head.weight.device)
+        device = model.lm_head.weight.device
+        self.step = compiled_step(device)
+        self.warm = False  # True once the first step has run with every guard checked
+        # On the CPU, the one-row fp32 products run on every core (cpu_kernels.py); int8's always do.
+        self.products = cpu_kernels.fast_linear() if device.type == "cpu" and cpu_kernels.available() \
+            else contextlib.nullcontext()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, V) after the prompt (B, T): the model's forward, eager, into the static cache.
+
+        With the CPU kernels, a short prompt's products run on every core too."""
+        with self.products:
+            return self.model(input_ids, self.cache, attention_mask, logits_to_keep=1, check=False)[:, -1]
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """token (B, 1) at the cache's next slot -> logits for the token after it, (B, V)."""
@@ -96,8 +115,14 @@ class CompiledDecoder:
         # A fresh (B, 1) tensor: a column sliced from the sequence has strides that change with its
         # length, and every new stride would compile the step again.
         token = token.clone(memory_format=torch.contiguous_format)
+        # After its first step, a stream calls the step with the same model, cache and shapes:
+        # torch then checks only the guards that tell its compiled versions apart (0.3 ms a step on
+        # a CPU, checking every parameter).
+        known = torch.compiler.set_stance(skip_guard_eval_unsafe=self.warm)
+        self.warm = True
         try:
-            logits = self.step(self.model, token, self.cache)
+            with self.products, known:
+                logits = self.step(self.model, token, self.cache)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(
                 f"compile=True: torch has compiled the decode step for "

@@ -71,7 +71,10 @@ def stream_tokens(
             decoder = CompiledDecoder(model, cache, attention_mask)  # keeps the prompt's padding in the cache
         elif use_cache:
             cache = model.new_cache(B, max_len=positions)
-        logits = last_logits(model, seq, cache, attention_mask)  # (B, V): prefill
+        if decoder is not None:
+            logits = decoder.prefill(seq, attention_mask)  # (B, V): prefill
+        else:
+            logits = last_logits(model, seq, cache, attention_mask)  # (B, V): prefill
         finished = torch.zeros(B, dtype=torch.bool, device=seq.device)  # (B,): rows that hit a stop id
     stopped = None  # (): "every row had stopped" one step ago, still on the device
     for step in range(max_new_tokens):

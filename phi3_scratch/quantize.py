@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .config import QUANTIZATIONS
 from .errors import Phi3Error
 
@@ -62,6 +63,8 @@ class Int8Linear(nn.Module):
                                   requires_grad=False)  # (out,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.fits(x, self.weight):  # a decode step on the CPU: int8 dot products on every core
+            return cpu_kernels.linear_int8(x, self.weight, self.scale)
         if one_row_compiled(x):
             # (..., 1, in) * (out, in) -> (..., out)
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)

@@ -15,8 +15,9 @@ What it does, for each shape:
 4. The greedy tokens of phi3_scratch fp32 against llama.cpp F32's: an independent implementation.
 5. This machine's copy bandwidth (a 1 GB tensor copied), beside the bytes a decode step reads.
 
-llama-cpp-python is built from source when it is missing, with AMX off: a native build segfaults on
-its first Q8_0 evaluation on this project's CPU. Not a test and not a CI step: it takes minutes.
+llama-cpp-python is built from source when it is missing, with AMX off (a native build segfaults
+on its first Q8_0 evaluation on a CPU with AMX) and each other instruction set on where the CPU
+has it. Not a test and not a CI step: it takes minutes.
 """
 
 from __future__ import annotations
@@ -45,8 +46,22 @@ from phi3_scratch.benchmark import MEDIUM, SMALL  # noqa: E402
 MID = {**SMALL, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
        "num_attention_heads": 16, "num_key_value_heads": 16}  # the shape of the issue's first measurement
 SHAPES = {"small": SMALL, "medium": MEDIUM, "mid": MID}
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
-              "-DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
+def cmake_args() -> str:
+    """llama.cpp's build flags for this CPU: each instruction set on where /proc/cpuinfo lists it, AMX off.
+
+    A native build (GGML_NATIVE) segfaults on its first Q8_0 evaluation on a CPU with AMX; one with
+    AVX-512 turned on dies of an illegal instruction on a CPU without it (an AMD EPYC with AVX2 only).
+    """
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    wanted = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "AVX512": "avx512f",
+              "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AVX_VNNI": "avx_vnni"}
+    on = " ".join(f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in wanted.items())
+    return f"-DGGML_NATIVE=OFF {on} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "phi3-tokenizer"
 CACHE = Path(os.environ.get("PHI3_BENCH_CACHE", Path(tempfile.gettempdir()) / "phi3_scratch-llamacpp"))
 PROMPT_LEN = 16
@@ -59,8 +74,9 @@ def llama_cpp():
         return llama_cpp
     except ImportError:
         pass
-    print(f"building llama-cpp-python from source (minutes), CMAKE_ARGS={CMAKE_ARGS}", flush=True)
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    args = cmake_args()
+    print(f"building llama-cpp-python from source (minutes), CMAKE_ARGS={args}", flush=True)
+    env = {**os.environ, "CMAKE_ARGS": args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-binary", "llama-cpp-python",
                     "llama-cpp-python"], check=True, env=env)
     import llama_cpp

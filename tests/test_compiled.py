@@ -74,13 +74,13 @@ def test_compiled_decode_reuses_its_cache_and_compiled_step(checkpoints):
     second = p3.generate(model, torch.randint(3, 256, (1, 9)), 6, eos_token_id=[], compile=True)
     assert compiled_graphs() == graphs, "a second prompt length recompiled the step"
     assert model._static_cache is cache
-    assert cache.max_len == min(compiled.CACHE_BLOCK, model.config.max_position_embeddings)
+    assert cache.max_len == min(compiled.CPU_CACHE_BLOCK, model.config.max_position_embeddings)
     assert first.shape == (1, 11) and second.shape == (1, 15)
 
 
 def test_cache_lengths_double_and_a_larger_cache_is_reused(checkpoints, monkeypatch):
-    """Few cache lengths, so few compilations: 16, 32, 64 here (CACHE_BLOCK set to 16)."""
-    monkeypatch.setattr(compiled, "CACHE_BLOCK", 16)
+    """Few cache lengths, so few compilations: 16, 32, 64 here (the CPU's first block set to 16)."""
+    monkeypatch.setattr(compiled, "CPU_CACHE_BLOCK", 16)
     model = p3.Phi3ForCausalLM.from_pretrained(checkpoints("tiny-longrope")[0])
     lengths = []
     for prompt, new in ((4, 8), (20, 10), (40, 10), (5, 3)):

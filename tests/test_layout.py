@@ -10,7 +10,7 @@ from phi3_scratch import checks, model
 PACKAGE = Path(phi3_scratch.__file__).parent
 MODEL_FILES = ("config", "model", "rotary", "cache")
 NOT_THE_MODEL = {"quantize", "compiled", "benchmark", "tracing", "stepping", "plotting", "notebook",
-                 "pipeline", "cli", "profiling", "intervene", "explore", "serve"}
+                 "pipeline", "cli", "profiling", "intervene", "explore", "serve", "cpu_kernels"}
 
 
 def module_name(path: Path) -> str:
