@@ -61,6 +61,8 @@ class Int8Linear(nn.Module):
                                    requires_grad=False)  # (out, in), -127..127
         self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device),
                                   requires_grad=False)  # (out,)
+        if self.weight.device.type == "cpu":
+            cpu_kernels.available()  # built and loaded now, not first inside torch.compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.fits(x, self.weight):  # a decode step on the CPU: int8 dot products on every core
@@ -69,6 +71,8 @@ class Int8Linear(nn.Module):
             # (..., 1, in) * (out, in) -> (..., out)
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
             return y.to(x.dtype) * self.scale
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():  # a prompt on the CPU
+            return product_in_chunks(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale  # (..., out): (x @ q^T) * s
 
     def set_weight(self, w: torch.Tensor) -> None:
@@ -77,6 +81,23 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
+
+
+CHUNK_BYTES = 2**22  # converted weights at a time on the CPU: 4 MB stay in its cache
+
+
+def product_in_chunks(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x @ q^T) * scale, q converted to x's dtype a few rows at a time: (..., in) -> (..., out).
+
+    A full-size converted copy would be written to memory and read back for every product; these
+    rows are written to the CPU's cache and read from it (mid's 256-token prompt: about 10% faster)."""
+    rows = max(1, CHUNK_BYTES // (q.shape[1] * x.element_size()))
+    out = x.new_empty(*x.shape[:-1], q.shape[0])  # (..., out)
+    x2, out2 = x.reshape(-1, q.shape[1]), out.view(-1, q.shape[0])  # (tokens, in), (tokens, out)
+    for start in range(0, q.shape[0], rows):
+        w = q[start : start + rows].to(x.dtype)  # (rows, in)
+        torch.mul(x2 @ w.T, scale[start : start + rows], out=out2[:, start : start + rows])
+    return out
 
 
 class Int4Linear(nn.Module):
