@@ -90,7 +90,7 @@ def product_in_chunks(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     """(x @ q^T) * scale, q converted to x's dtype a few rows at a time: (..., in) -> (..., out).
 
     A full-size converted copy would be written to memory and read back for every product; these
-    rows are written to the CPU's cache and read from it (mid's 256-token prompt: about 10% faster)."""
+    rows are written to the CPU's cache and read from it (a 256-token prompt: a few percent faster)."""
     rows = max(1, CHUNK_BYTES // (q.shape[1] * x.element_size()))
     out = x.new_empty(*x.shape[:-1], q.shape[0])  # (..., out)
     x2, out2 = x.reshape(-1, q.shape[1]), out.view(-1, q.shape[0])  # (tokens, in), (tokens, out)
