@@ -10,12 +10,15 @@
  *
  * int8 does what llama.cpp's Q8_0 does: each row of x is rounded to int8 in blocks of 32, one
  * scale a block (max |x| / 127), and the dot products run on int8 pairs (AVX2's maddubs).
- * Four rows of w at a time share every load of x; rows of x loop inside, so w is read once.
+ * Rows of x loop inside the rows of w, so that w is read from memory once.
  * Without AVX2 and FMA the same sums run as plain loops that the compiler vectorizes.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define QBLOCK 32 /* inputs that share one int8 scale of x */
 
@@ -29,21 +32,17 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
-/* out[r] = w[r] . x over inputs 0..kv for the four rows r of w (row stride k); kv a multiple of 16 */
-static void dot4_f32(const float *w, const float *x, int64_t kv, int64_t k, float *out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+/* w0 . x and w1 . x over inputs 0..kv (a multiple of 16): two rows far apart, two memory streams */
+static void dot2_f32(const float *w0, const float *w1, const float *x, int64_t kv, float *s0, float *s1) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
     for (int64_t j = 0; j < kv; j += 16) {
         __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), x0, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + j), x0, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * k + j), x0, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * k + j), x0, a3);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), x1, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + j + 8), x1, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 2 * k + j + 8), x1, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + 3 * k + j + 8), x1, a3);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), x0, a0);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j + 8), x1, b0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), x0, a1);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j + 8), x1, b1);
     }
-    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+    *s0 = hsum(_mm256_add_ps(a0, b0)), *s1 = hsum(_mm256_add_ps(a1, b1));
 }
 #define F32_STEP 16
 
@@ -53,23 +52,25 @@ static inline __m256i dot_block(__m256i w, __m256i x, __m256i ax) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
 }
 
-/* out[r] = the sum over blocks b of xs[b] * (xq . w[r] over block b), for the four rows r of w
- * (row stride k), over inputs 0..kv; kv a multiple of 32 */
-static void dot4_int8(const int8_t *w, const int8_t *xq, const float *xs, int64_t kv, int64_t k, float *out) {
+/* out[0..3] = the sums over blocks b of xs[b] * (xq . row, over block b), for the rows wa, wa + k,
+ * wb and wb + k: two pairs of rows far apart. Inputs 0..kv, a multiple of 32. */
+static void dot4_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
+                      int64_t k, float *out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t j = 0; j < kv; j += QBLOCK) {
-        if (j % 64 == 0) { /* the next four rows, same inputs: the memory works ahead of the sums */
-            const char *next = (const char *)(w + 4 * k + j);
-            _mm_prefetch(next, _MM_HINT_T0), _mm_prefetch(next + k, _MM_HINT_T0);
-            _mm_prefetch(next + 2 * k, _MM_HINT_T0), _mm_prefetch(next + 3 * k, _MM_HINT_T0);
+        if (j % 64 == 0) { /* each pair's next two rows, same inputs: memory works ahead of the sums */
+            _mm_prefetch((const char *)(wa + 2 * k + j), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wa + 3 * k + j), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + 2 * k + j), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + 3 * k + j), _MM_HINT_T0);
         }
         __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
         __m256i ax = _mm256_sign_epi8(xv, xv);
         __m256 s = _mm256_broadcast_ss(xs + j / QBLOCK);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(w + j)), xv, ax)), s, a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(w + k + j)), xv, ax)), s, a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(w + 2 * k + j)), xv, ax)), s, a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(w + 3 * k + j)), xv, ax)), s, a3);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j)), xv, ax)), s, a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + k + j)), xv, ax)), s, a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j)), xv, ax)), s, a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + k + j)), xv, ax)), s, a3);
     }
     out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
 }
@@ -77,21 +78,21 @@ static void dot4_int8(const int8_t *w, const int8_t *xq, const float *xs, int64_
 
 #else /* plain loops: the compiler vectorizes them for the CPU it builds for */
 
-static void dot4_f32(const float *w, const float *x, int64_t kv, int64_t k, float *out) {
-    for (int r = 0; r < 4; r++) {
-        float s = 0;
-        for (int64_t j = 0; j < kv; j++) s += w[r * k + j] * x[j];
-        out[r] = s;
-    }
+static void dot2_f32(const float *w0, const float *w1, const float *x, int64_t kv, float *s0, float *s1) {
+    float a = 0, b = 0;
+    for (int64_t j = 0; j < kv; j++) a += w0[j] * x[j], b += w1[j] * x[j];
+    *s0 = a, *s1 = b;
 }
 #define F32_STEP 1
 
-static void dot4_int8(const int8_t *w, const int8_t *xq, const float *xs, int64_t kv, int64_t k, float *out) {
+static void dot4_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
+                      int64_t k, float *out) {
+    const int8_t *rows[4] = {wa, wa + k, wb, wb + k};
     for (int r = 0; r < 4; r++) {
         float s = 0;
         for (int64_t j = 0; j < kv; j += QBLOCK) {
             int32_t t = 0;
-            for (int64_t i = j; i < j + QBLOCK; i++) t += (int16_t)w[r * k + i] * (int16_t)xq[i];
+            for (int64_t i = j; i < j + QBLOCK; i++) t += (int16_t)rows[r][i] * (int16_t)xq[i];
             s += xs[j / QBLOCK] * (float)t;
         }
         out[r] = s;
@@ -118,19 +119,38 @@ static float tail_int8(const int8_t *w, const int8_t *xq, const float *xs, int64
     return s;
 }
 
+/* Rows lo..hi of w are this thread's: a contiguous share (the whole matrix without OpenMP). */
+static void share(int64_t n, int64_t *lo, int64_t *hi) {
+#ifdef _OPENMP
+    int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+    int64_t t = 0, threads = 1;
+#endif
+    *lo = n * t / threads, *hi = n * (t + 1) / threads;
+}
+
+/* Each thread walks the two halves of its rows side by side: row r with row r + half. Two
+ * streams a core keep more of memory's requests in flight than one, and than four interleaved
+ * rows (a 65 MB head of 512-wide rows: 32 against 27 GB/s here). */
 void p3_linear_f32(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k) {
     const int64_t kv = k - k % F32_STEP; /* inputs the vector loop takes */
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < n; r += 4) {
-        for (int64_t i = 0; i < m; i++) {
-            const float *xi = x + i * k;
-            float sums[4] = {0, 0, 0, 0};
-            if (r + 4 <= n) dot4_f32(w + r * k, xi, kv, k, sums);
-            for (int64_t q = 0; q < 4 && r + q < n; q++) {
-                if (r + 4 > n) sums[q] = tail_f32(w + (r + q) * k, xi, 0, kv);
-                y[i * n + r + q] = sums[q] + tail_f32(w + (r + q) * k, xi, kv, k);
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        share(n, &lo, &hi);
+        const int64_t half = (hi - lo) / 2;
+        for (int64_t r = lo; r < lo + half; r++) {
+            const float *w0 = w + r * k, *w1 = w + (r + half) * k;
+            for (int64_t i = 0; i < m; i++) {
+                const float *xi = x + i * k;
+                float s0, s1;
+                dot2_f32(w0, w1, xi, kv, &s0, &s1);
+                y[i * n + r] = s0 + tail_f32(w0, xi, kv, k);
+                y[i * n + r + half] = s1 + tail_f32(w1, xi, kv, k);
             }
         }
+        if ((hi - lo) % 2) /* the odd row out */
+            for (int64_t i = 0; i < m; i++) y[i * n + hi - 1] = tail_f32(w + (hi - 1) * k, x + i * k, 0, k);
     }
 }
 
@@ -184,18 +204,26 @@ int p3_linear_int8(const float *x, const int8_t *w, const float *scale, float *y
         return -1;
     }
     for (int64_t i = 0; i < m; i++) quantize_row(x + i * k, k, xq + i * k, xs + i * blocks);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < n; r += 4) {
-        for (int64_t i = 0; i < m; i++) {
-            const int8_t *qi = xq + i * k;
-            const float *si = xs + i * blocks;
-            float sums[4] = {0, 0, 0, 0};
-            if (r + 4 <= n) dot4_int8(w + r * k, qi, si, kv, k, sums);
-            for (int64_t q = 0; q < 4 && r + q < n; q++) {
-                if (r + 4 > n) sums[q] = tail_int8(w + (r + q) * k, qi, si, 0, kv);
-                y[i * n + r + q] = (sums[q] + tail_int8(w + (r + q) * k, qi, si, kv, k)) * scale[r + q];
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        share(n, &lo, &hi);
+        const int64_t half = (hi - lo) / 4 * 2; /* rows r, r + 1 go with rows r + half, r + half + 1 */
+        for (int64_t r = lo; r < lo + half; r += 2) {
+            const int8_t *wa = w + r * k, *wb = w + (r + half) * k;
+            const int64_t at[4] = {r, r + 1, r + half, r + half + 1};
+            for (int64_t i = 0; i < m; i++) {
+                const int8_t *qi = xq + i * k;
+                const float *si = xs + i * blocks;
+                float sums[4];
+                dot4_int8(wa, wb, qi, si, kv, k, sums);
+                for (int q = 0; q < 4; q++)
+                    y[i * n + at[q]] = (sums[q] + tail_int8(w + at[q] * k, qi, si, kv, k)) * scale[at[q]];
             }
         }
+        for (int64_t r = lo + 2 * half; r < hi; r++) /* the rows left over, one at a time */
+            for (int64_t i = 0; i < m; i++)
+                y[i * n + r] = tail_int8(w + r * k, xq + i * k, xs + i * blocks, 0, k) * scale[r];
     }
     if (on_heap) free(xq), free(xs);
     return 0;
