@@ -22,6 +22,24 @@
 
 #define QBLOCK 32 /* inputs that share one int8 scale of x */
 
+/* One row of w over inputs from..k, in plain C: the inputs beyond the vector loop's last
+ * step, and without AVX2 every input. */
+static float tail_f32(const float *w, const float *x, int64_t from, int64_t k) {
+    float s = 0;
+    for (int64_t j = from; j < k; j++) s += w[j] * x[j];
+    return s;
+}
+
+static float tail_int8(const int8_t *w, const int8_t *xq, const float *xs, int64_t from, int64_t k) {
+    float s = 0;
+    for (int64_t j = from; j < k; j += QBLOCK) {
+        int32_t t = 0;
+        for (int64_t i = j; i < k && i < j + QBLOCK; i++) t += (int16_t)w[i] * (int16_t)xq[i];
+        s += xs[j / QBLOCK] * (float)t;
+    }
+    return s;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -74,50 +92,20 @@ static void dot4_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, cons
     }
     out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
 }
-#define INT8_STEP QBLOCK
-
-#else /* plain loops: the compiler vectorizes them for the CPU it builds for */
+#else /* plain loops (tail_f32 and tail_int8 over every input): the compiler vectorizes them */
 
 static void dot2_f32(const float *w0, const float *w1, const float *x, int64_t kv, float *s0, float *s1) {
-    float a = 0, b = 0;
-    for (int64_t j = 0; j < kv; j++) a += w0[j] * x[j], b += w1[j] * x[j];
-    *s0 = a, *s1 = b;
+    *s0 = tail_f32(w0, x, 0, kv), *s1 = tail_f32(w1, x, 0, kv);
 }
 #define F32_STEP 1
 
 static void dot4_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
                       int64_t k, float *out) {
     const int8_t *rows[4] = {wa, wa + k, wb, wb + k};
-    for (int r = 0; r < 4; r++) {
-        float s = 0;
-        for (int64_t j = 0; j < kv; j += QBLOCK) {
-            int32_t t = 0;
-            for (int64_t i = j; i < j + QBLOCK; i++) t += (int16_t)rows[r][i] * (int16_t)xq[i];
-            s += xs[j / QBLOCK] * (float)t;
-        }
-        out[r] = s;
-    }
+    for (int r = 0; r < 4; r++) out[r] = tail_int8(rows[r], xq, xs, 0, kv);
 }
-#define INT8_STEP QBLOCK
 
 #endif
-
-/* The inputs beyond the last full step, one row of w at a time, in plain C. */
-static float tail_f32(const float *w, const float *x, int64_t from, int64_t k) {
-    float s = 0;
-    for (int64_t j = from; j < k; j++) s += w[j] * x[j];
-    return s;
-}
-
-static float tail_int8(const int8_t *w, const int8_t *xq, const float *xs, int64_t from, int64_t k) {
-    float s = 0;
-    for (int64_t j = from; j < k; j += QBLOCK) {
-        int32_t t = 0;
-        for (int64_t i = j; i < k && i < j + QBLOCK; i++) t += (int16_t)w[i] * (int16_t)xq[i];
-        s += xs[j / QBLOCK] * (float)t;
-    }
-    return s;
-}
 
 /* Rows lo..hi of w are this thread's: a contiguous share (the whole matrix without OpenMP). */
 static void share(int64_t n, int64_t *lo, int64_t *hi) {
@@ -193,7 +181,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xs) {
 
 int p3_linear_int8(const float *x, const int8_t *w, const float *scale, float *y, int64_t m, int64_t n,
                    int64_t k) {
-    const int64_t blocks = (k + QBLOCK - 1) / QBLOCK, kv = k - k % INT8_STEP;
+    const int64_t blocks = (k + QBLOCK - 1) / QBLOCK, kv = k - k % QBLOCK; /* inputs the vector loop takes */
     int8_t stack_q[16384]; /* a decode step's x fits here: no malloc per product */
     float stack_s[16384 / QBLOCK + 1];
     int on_heap = m * k > 16384;
