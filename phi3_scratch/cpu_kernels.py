@@ -7,6 +7,7 @@ llama.cpp splits each product between the cores; so do these kernels (docs/SPEED
 - `linear_f32(x, w)`  is F.linear(x, w) for fp32 on the CPU.
 - `linear_int8(x, w, scale)` is Int8Linear's product, as llama.cpp's Q8_0 computes it:
   x rounded to int8 in blocks of 32 (one scale a block), int8 dot products.
+  With AVX-512 VNNI it takes a prompt too (`int8_gemm()`): an int8 GEMM, faster than fp32's.
 - Both are torch ops (torch.ops.phi3_scratch), so that a compiled decode step calls them too.
 - `fast_linear()` routes the model's one-row fp32 products to linear_f32, while it is active.
   The compiled decode step on the CPU runs inside it (compiled.py); eager code never does.
@@ -35,6 +36,7 @@ from .errors import Phi3Error
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 MAX_ROWS = 16  # rows of x the kernels take; more rows are a prefill, where MKL's matmul is faster
+# (except int8's with AVX-512 VNNI: int8_gemm())
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 why_not = ""  # why the kernels are not available, once `available()` has said False
 
@@ -80,12 +82,13 @@ def build() -> Path:
 
 _lib = None  # the ctypes library, once loaded
 _tried = False
+_gemm = False  # whether it was built with AVX-512 VNNI's GEMM
 
 
 def library():
     """The kernels as a ctypes library, built and loaded on the first call; None if they cannot be
     (the reason in `why_not`)."""
-    global _lib, _tried, why_not
+    global _lib, _tried, _gemm, why_not
     if _tried:
         return _lib
     _tried = True
@@ -102,6 +105,9 @@ def library():
     lib.p3_linear_f32.restype = None
     lib.p3_linear_int8.argtypes = [P, P, P, P, N, N, N]
     lib.p3_linear_int8.restype = ctypes.c_int
+    lib.p3_int8_gemm.argtypes = []
+    lib.p3_int8_gemm.restype = ctypes.c_int
+    _gemm = bool(lib.p3_int8_gemm())
     define_ops()
     _lib = lib
     return lib
@@ -119,13 +125,20 @@ def require() -> None:
         raise Phi3Error(f"the CPU kernels are not available: {why_not}")
 
 
+def int8_gemm() -> bool:
+    """Whether linear_int8 takes any number of rows: built with AVX-512 VNNI, a prompt's int8
+    product is a GEMM on int8 pairs, faster than MKL's fp32 one (docs/SPEED.md)."""
+    return available() and _gemm
+
+
 def fits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the kernels can take x @ w^T: CPU, fp32 x, contiguous, few rows, no gradient wanted."""
+    """Whether the kernels can take x @ w^T: CPU, fp32 x, contiguous, no gradient wanted, and
+    at most MAX_ROWS rows (any number for int8 weights where int8_gemm())."""
     return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
-            and x.shape[:-1].numel() <= MAX_ROWS and x.shape[-1] == w.shape[1] and w.dim() == 2
-            and x.is_contiguous() and w.is_contiguous()
+            and x.shape[-1] == w.shape[1] and w.dim() == 2 and x.is_contiguous() and w.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and available())
+            and available()
+            and (x.shape[:-1].numel() <= MAX_ROWS or (w.dtype == torch.int8 and int8_gemm())))
 
 
 # The ops: one C call each. The "Meta" version gives the output's shape to torch.compile.

@@ -65,7 +65,8 @@ class Int8Linear(nn.Module):
             cpu_kernels.available()  # built and loaded now, not first inside torch.compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.fits(x, self.weight):  # a decode step on the CPU: int8 dot products on every core
+        # a decode step on the CPU (and a prompt, with AVX-512 VNNI): int8 dot products on every core
+        if cpu_kernels.fits(x, self.weight):
             return cpu_kernels.linear_int8(x, self.weight, self.scale)
         if one_row_compiled(x):
             # (..., 1, in) * (out, in) -> (..., out)

@@ -3,7 +3,8 @@
 - fp32: linear_f32 equals F.linear to float rounding, for any shape (tails of rows and inputs).
 - int8: linear_int8 is Q8_0's product: x rounded to int8 in blocks of 32, exactly as a torch
   reference rounds it, times the int8 weights and their scales.
-- The plain C loops (a CPU without AVX2) give the same sums as the AVX2 ones.
+- With AVX-512 VNNI, a prompt's int8 product is a GEMM: the same sums as one row at a time.
+- Each branch of the C file (AVX-512 VNNI, AVX2, plain C loops) gives the same sums.
 - Decoding through them keeps int8's argmax agreement with fp32 on the tiny model (98.2%).
 - compile=True on the CPU runs them, and its tokens equal eager decoding's.
 - Without a C compiler, everything falls back to torch's products, saying why.
@@ -25,8 +26,10 @@ from .conftest import train_tiny
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"the CPU kernels are not available here: {cpu_kernels.why_not}")
 
-# (rows of x, n outputs, k inputs): one row (decode), a short prompt, tails of 4 rows and 16/32 inputs
-SHAPES = [(1, 8, 64), (1, 7, 33), (3, 13, 100), (16, 5, 64), (2, 1, 17), (1, 96, 3072), (4, 130, 1024)]
+# (rows of x, n outputs, k inputs): one row (decode), a short prompt, tails of 4 rows and 16/32 inputs,
+# and prompts (with AVX-512 VNNI, the GEMM: tails of its 4-row tiles, 32-row panels and 4-input steps)
+SHAPES = [(1, 8, 64), (1, 7, 33), (3, 13, 100), (16, 5, 64), (2, 1, 17), (1, 96, 3072), (4, 130, 1024),
+          (40, 45, 100), (5, 33, 31), (7, 17, 65), (64, 96, 3072)]
 
 
 def q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -65,22 +68,54 @@ def test_an_all_zero_block_of_x_gives_zero_not_nan():
     assert cpu_kernels.linear_int8(x, q, torch.ones(4)).tolist() == [[3.0] * 4]
 
 
-def test_the_plain_c_loops_give_the_same_sums_as_the_avx2_ones(tmp_path):
-    """Built without -march=native (x86-64's baseline has no AVX2), the file's #else branch runs."""
-    lib_path = tmp_path / "plain.so"
-    command = ["cc", "-O2", "-shared", "-fPIC", str(cpu_kernels.SOURCE), "-o", str(lib_path), "-lm"]
+def build_branch(tmp_path, name: str, flags: list[str]) -> ctypes.CDLL:
+    lib_path = tmp_path / f"{name}.so"
+    command = ["cc", "-O2", *flags, "-shared", "-fPIC", str(cpu_kernels.SOURCE), "-o", str(lib_path), "-lm"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    plain = ctypes.CDLL(str(lib_path))
-    x, w = torch.randn(3, 100), torch.randn(13, 100)
-    q, scale = torch.randint(-127, 128, (13, 100), dtype=torch.int8), torch.rand(13)
-    y, y8 = torch.empty(3, 13), torch.empty(3, 13)
-    args = [ctypes.c_int64(3), ctypes.c_int64(13), ctypes.c_int64(100)]
-    plain.p3_linear_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w.data_ptr()),
-                        ctypes.c_void_p(y.data_ptr()), *args)
-    assert plain.p3_linear_int8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, q, scale, y8)), *args) == 0
-    torch.testing.assert_close(y, cpu_kernels.linear_f32(x, w), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(y8, cpu_kernels.linear_int8(x, q, scale), rtol=1e-5, atol=1e-5)
+    return ctypes.CDLL(str(lib_path))
+
+
+def cpu_has(flag: str) -> bool:
+    return flag in cpu_kernels.cpu_name().split()
+
+
+@pytest.mark.parametrize("branch, flags, needs", [
+    ("plain", [], None),  # x86-64's baseline has no AVX2: the #else branch
+    ("avx2", ["-mavx2", "-mfma"], "avx2"),
+])
+def test_each_branch_of_the_c_file_gives_the_sums_of_the_native_one(tmp_path, branch, flags, needs):
+    """The library in use is built for this CPU (-march=native: AVX-512 VNNI, AVX2 or plain);
+    each other branch, built on its own, gives the same numbers, one row or a prompt's 40."""
+    if needs and not cpu_has(needs):
+        pytest.skip(f"this CPU has no {needs}: the {branch} branch cannot run here")
+    lib = build_branch(tmp_path, branch, flags)
+    assert lib.p3_int8_gemm() == 0  # the GEMM is AVX-512 VNNI's only
+    for m in (3, 40):
+        x, w = torch.randn(m, 100), torch.randn(13, 100)
+        q, scale = torch.randint(-127, 128, (13, 100), dtype=torch.int8), torch.rand(13)
+        y, y8 = torch.empty(m, 13), torch.empty(m, 13)
+        args = [ctypes.c_int64(m), ctypes.c_int64(13), ctypes.c_int64(100)]
+        lib.p3_linear_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w.data_ptr()),
+                          ctypes.c_void_p(y.data_ptr()), *args)
+        assert lib.p3_linear_int8(*(ctypes.c_void_p(t.data_ptr()) for t in (x, q, scale, y8)), *args) == 0
+        if m <= cpu_kernels.MAX_ROWS:
+            torch.testing.assert_close(y, cpu_kernels.linear_f32(x, w), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(y8, cpu_kernels.linear_int8(x, q, scale), rtol=1e-5, atol=1e-5)
+
+
+def test_the_int8_gemm_gives_the_sums_of_one_row_at_a_time():
+    """With AVX-512 VNNI, 4 rows of x or more go through the GEMM (w repacked in panels of 16
+    rows, w + 128 as unsigned bytes, corrected): the numbers of the one-row dot products."""
+    if not cpu_kernels.int8_gemm():
+        pytest.skip("this CPU has no AVX-512 VNNI: prompts keep MKL's fp32 matmul")
+    torch.manual_seed(0)
+    for m, n, k in [(4, 32, 64), (37, 50, 200), (256, 64, 3072)]:
+        x = torch.randn(m, k) * torch.linspace(0.01, 10, k)
+        q, scale = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n)
+        rows = torch.cat([cpu_kernels.linear_int8(x[i: i + 1], q, scale) for i in range(m)])
+        # the same int32 sums of each block, added up in another order: float rounding apart
+        assert (cpu_kernels.linear_int8(x, q, scale) - rows).abs().max() <= 1e-6 * rows.abs().max()
 
 
 def test_fits_takes_a_few_contiguous_fp32_rows_on_the_cpu_and_nothing_else():
@@ -88,6 +123,8 @@ def test_fits_takes_a_few_contiguous_fp32_rows_on_the_cpu_and_nothing_else():
     assert cpu_kernels.fits(torch.randn(1, 1, 64), w)
     assert cpu_kernels.fits(torch.randn(cpu_kernels.MAX_ROWS, 64), w)
     assert not cpu_kernels.fits(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), w)  # a prefill: MKL's matmul
+    q = torch.zeros(8, 64, dtype=torch.int8)  # int8 prompts: the GEMM, with AVX-512 VNNI
+    assert cpu_kernels.fits(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), q) == cpu_kernels.int8_gemm()
     assert not cpu_kernels.fits(torch.randn(1, 64).bfloat16(), w)
     assert not cpu_kernels.fits(torch.randn(64, 2).t(), w)  # not contiguous
     assert not cpu_kernels.fits(torch.randn(1, 32), w)  # the wrong width
@@ -96,7 +133,9 @@ def test_fits_takes_a_few_contiguous_fp32_rows_on_the_cpu_and_nothing_else():
         assert cpu_kernels.fits(torch.randn(1, 64, requires_grad=True), w)
 
 
-def test_int8_linear_runs_the_kernel_for_a_decode_step_and_torch_for_a_prompt():
+def test_int8_linear_runs_the_kernel_for_a_decode_step_and_for_a_prompt_where_it_is_faster():
+    """A prompt's product is the int8 GEMM with AVX-512 VNNI; without, the weight-only product
+    on MKL's fp32 matmul (faster there than int8 pairs)."""
     torch.manual_seed(0)
     layer = Int8Linear(64, 8)
     layer.set_weight(torch.randn(8, 64))
@@ -104,7 +143,10 @@ def test_int8_linear_runs_the_kernel_for_a_decode_step_and_torch_for_a_prompt():
     one, many = torch.randn(1, 1, 64), torch.randn(40, 64)
     with torch.no_grad():
         assert torch.equal(layer(one), cpu_kernels.linear_int8(one, q, scale))
-        torch.testing.assert_close(layer(many), F.linear(many, q.float()) * scale)  # weight-only
+        if cpu_kernels.int8_gemm():
+            assert torch.equal(layer(many), cpu_kernels.linear_int8(many, q, scale))
+        else:
+            torch.testing.assert_close(layer(many), F.linear(many, q.float()) * scale)  # weight-only
 
 
 @pytest.fixture(scope="module")
