@@ -71,27 +71,35 @@ static inline __m512i dot_blocks(__m512i w, __m512i ax, __mmask64 negative) {
     return _mm512_dpbusd_epi32(zero, ax, _mm512_mask_sub_epi8(w, negative, zero, w));
 }
 
-/* out[0..3] = the sums over blocks b of xs[b] * (xq . row, over block b), for the rows wa, wa + k,
- * wb and wb + k: two pairs of rows far apart. Inputs 0..kv, a multiple of 64. */
-static void dot4_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
-                      int64_t k, float *out) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < kv; j += 64) { /* two blocks a step */
-        _mm_prefetch((const char *)(wa + 2 * k + j), _MM_HINT_T0); /* each pair's next two rows */
-        _mm_prefetch((const char *)(wa + 3 * k + j), _MM_HINT_T0);
-        _mm_prefetch((const char *)(wb + 2 * k + j), _MM_HINT_T0);
-        _mm_prefetch((const char *)(wb + 3 * k + j), _MM_HINT_T0);
-        __m512i xv = _mm512_loadu_si512(xq + j), ax = _mm512_abs_epi8(xv);
-        __mmask64 negative = _mm512_movepi8_mask(xv);
-        /* lanes 0-7 take the first block's scale, 8-15 the second's */
-        __m512 s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xs[j / QBLOCK]), _mm512_set1_ps(xs[j / QBLOCK + 1]));
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j), ax, negative)), s, a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + k + j), ax, negative)), s, a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j), ax, negative)), s, a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + k + j), ax, negative)), s, a3);
+/* The scales of blocks b and b + 1 of x, for the 16 lanes dot_blocks gives: 8 each. */
+static inline __m512 two_scales(const float *xs, int64_t b) {
+    return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xs[b]), _mm512_set1_ps(xs[b + 1]));
+}
+
+/* out[0], out[1] = the sums over blocks b of xs[b] * (xq . row, over block b), for the rows wa and
+ * wb: two rows far apart, as in dot2_f32. Inputs 0..kv, a multiple of 64; 128 a step where it can. */
+static void dot2_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
+                      float *out) {
+    __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
+    int64_t j = 0;
+    for (; j + 128 <= kv; j += 128) { /* four blocks a step: two sums a row in flight */
+        __m512i x0 = _mm512_loadu_si512(xq + j), x1 = _mm512_loadu_si512(xq + j + 64);
+        __m512i ax0 = _mm512_abs_epi8(x0), ax1 = _mm512_abs_epi8(x1);
+        __mmask64 neg0 = _mm512_movepi8_mask(x0), neg1 = _mm512_movepi8_mask(x1);
+        __m512 s0 = two_scales(xs, j / QBLOCK), s1 = two_scales(xs, j / QBLOCK + 2);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j), ax0, neg0)), s0, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j), ax0, neg0)), s0, a1);
+        b0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j + 64), ax1, neg1)), s1, b0);
+        b1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j + 64), ax1, neg1)), s1, b1);
     }
-    out[0] = _mm512_reduce_add_ps(a0), out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2), out[3] = _mm512_reduce_add_ps(a3);
+    for (; j < kv; j += 64) {
+        __m512i x0 = _mm512_loadu_si512(xq + j), ax0 = _mm512_abs_epi8(x0);
+        __mmask64 neg0 = _mm512_movepi8_mask(x0);
+        __m512 s0 = two_scales(xs, j / QBLOCK);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j), ax0, neg0)), s0, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j), ax0, neg0)), s0, a1);
+    }
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
 }
 #define INT8_STEP 64
 
@@ -125,27 +133,29 @@ static inline __m256i dot_block(__m256i w, __m256i x, __m256i ax) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
 }
 
-/* out[0..3] = the sums over blocks b of xs[b] * (xq . row, over block b), for the rows wa, wa + k,
- * wb and wb + k: two pairs of rows far apart. Inputs 0..kv, a multiple of 32. */
-static void dot4_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
-                      int64_t k, float *out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < kv; j += QBLOCK) {
-        if (j % 64 == 0) { /* each pair's next two rows, same inputs: memory works ahead of the sums */
-            _mm_prefetch((const char *)(wa + 2 * k + j), _MM_HINT_T0);
-            _mm_prefetch((const char *)(wa + 3 * k + j), _MM_HINT_T0);
-            _mm_prefetch((const char *)(wb + 2 * k + j), _MM_HINT_T0);
-            _mm_prefetch((const char *)(wb + 3 * k + j), _MM_HINT_T0);
-        }
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
-        __m256i ax = _mm256_sign_epi8(xv, xv);
-        __m256 s = _mm256_broadcast_ss(xs + j / QBLOCK);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j)), xv, ax)), s, a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + k + j)), xv, ax)), s, a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j)), xv, ax)), s, a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + k + j)), xv, ax)), s, a3);
+/* out[0], out[1] = the sums over blocks b of xs[b] * (xq . row, over block b), for the rows wa and
+ * wb: two rows far apart, as in dot2_f32. Inputs 0..kv, a multiple of 32; 64 a step where it can. */
+static void dot2_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
+                      float *out) {
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
+    int64_t j = 0;
+    for (; j + 64 <= kv; j += 64) { /* two blocks a step: two sums a row in flight */
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j));
+        __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + j + 32));
+        __m256i ax0 = _mm256_sign_epi8(x0, x0), ax1 = _mm256_sign_epi8(x1, x1);
+        __m256 s0 = _mm256_broadcast_ss(xs + j / QBLOCK), s1 = _mm256_broadcast_ss(xs + j / QBLOCK + 1);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j)), x0, ax0)), s0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j)), x0, ax0)), s0, a1);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j + 32)), x1, ax1)), s1, b0);
+        b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j + 32)), x1, ax1)), s1, b1);
     }
-    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+    for (; j < kv; j += QBLOCK) {
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j)), ax0 = _mm256_sign_epi8(x0, x0);
+        __m256 s0 = _mm256_broadcast_ss(xs + j / QBLOCK);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j)), x0, ax0)), s0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j)), x0, ax0)), s0, a1);
+    }
+    out[0] = hsum(_mm256_add_ps(a0, b0)), out[1] = hsum(_mm256_add_ps(a1, b1));
 }
 #define INT8_STEP QBLOCK
 #else /* plain loops (tail_f32 and tail_int8 over every input): the compiler vectorizes them */
@@ -155,10 +165,9 @@ static void dot2_f32(const float *w0, const float *w1, const float *x, int64_t k
 }
 #define F32_STEP 1
 
-static void dot4_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
-                      int64_t k, float *out) {
-    const int8_t *rows[4] = {wa, wa + k, wb, wb + k};
-    for (int r = 0; r < 4; r++) out[r] = tail_int8(rows[r], xq, xs, 0, kv);
+static void dot2_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
+                      float *out) {
+    out[0] = tail_int8(wa, xq, xs, 0, kv), out[1] = tail_int8(wb, xq, xs, 0, kv);
 }
 #define INT8_STEP QBLOCK
 
@@ -388,22 +397,21 @@ int p3_linear_int8(const float *x, const int8_t *w, const float *scale, float *y
     {
         int64_t lo, hi;
         share(n, &lo, &hi);
-        const int64_t half = (hi - lo) / 4 * 2; /* rows r, r + 1 go with rows r + half, r + half + 1 */
-        for (int64_t r = lo; r < lo + half; r += 2) {
+        const int64_t half = (hi - lo) / 2; /* row r goes with row r + half, as in p3_linear_f32 */
+        for (int64_t r = lo; r < lo + half; r++) {
             const int8_t *wa = w + r * k, *wb = w + (r + half) * k;
-            const int64_t at[4] = {r, r + 1, r + half, r + half + 1};
             for (int64_t i = 0; i < m; i++) {
                 const int8_t *qi = xq + i * k;
                 const float *si = xs + i * blocks;
-                float sums[4];
-                dot4_int8(wa, wb, qi, si, kv, k, sums);
-                for (int q = 0; q < 4; q++)
-                    y[i * n + at[q]] = (sums[q] + tail_int8(w + at[q] * k, qi, si, kv, k)) * scale[at[q]];
+                float s[2];
+                dot2_int8(wa, wb, qi, si, kv, s);
+                y[i * n + r] = (s[0] + tail_int8(wa, qi, si, kv, k)) * scale[r];
+                y[i * n + r + half] = (s[1] + tail_int8(wb, qi, si, kv, k)) * scale[r + half];
             }
         }
-        for (int64_t r = lo + 2 * half; r < hi; r++) /* the rows left over, one at a time */
+        if ((hi - lo) % 2) /* the odd row out */
             for (int64_t i = 0; i < m; i++)
-                y[i * n + r] = tail_int8(w + r * k, xq + i * k, xs + i * blocks, 0, k) * scale[r];
+                y[i * n + hi - 1] = tail_int8(w + (hi - 1) * k, xq + i * k, xs + i * blocks, 0, k) * scale[hi - 1];
     }
     if (on_heap) free(xq), free(xs);
     return 0;

@@ -37,7 +37,9 @@ def q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     k = x.shape[-1]
     blocks = F.pad(x, (0, -k % 32)).view(*x.shape[:-1], -1, 32)  # (..., k / 32, 32)
     s = blocks.abs().amax(-1, keepdim=True) / 127
-    xq = torch.where(s > 0, torch.round(blocks / s), 0.0)  # round half to even, as lrintf
+    # x times 1 / s, in float32 as the kernel does it (x / s differs in the last bit now and then,
+    # which moves a value next to a half across it); round half to even, as lrintf
+    xq = torch.where(s > 0, torch.round(blocks * (1 / s)), 0.0)
     x_rounded = (xq * s).flatten(-2)[..., :k]
     return (x_rounded.double() @ q.double().T * scale.double()).float()
 
