@@ -257,7 +257,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xs) {
  * lose 128 * (the sum of the block's xq) again. */
 #define PANEL 16      /* rows of w a panel holds: one int32 lane each */
 #define TILE_ROWS 4   /* rows of x a tile takes at once: 2 panels x 4 rows = 8 independent sums */
-#define GEMM_ROWS 4   /* from this many rows of x on, p3_linear_int8 runs the GEMM */
+#define GEMM_ROWS 32  /* from this many rows on, the GEMM: below, packing the panels costs more than it saves */
 
 /* rows (0..16) rows of w, from w, into one panel of kp / 4 steps of 64 bytes: w + 128 as bytes,
  * and 128 (a weight of 0) past row `rows` and input k. */

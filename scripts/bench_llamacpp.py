@@ -13,7 +13,8 @@ What it does, for each shape:
    prompt) and a --prefill-token forward pass, for phi3_scratch fp32, int8 compiled and fp32
    compiled, and llama.cpp F32 and Q8_0. Medians of --runs runs after one warm-up.
 4. The greedy tokens of phi3_scratch fp32 against llama.cpp F32's: an independent implementation.
-5. This machine's copy bandwidth (a 1 GB tensor copied), beside the bytes a decode step reads.
+5. This machine's copy and read bandwidth (a 1 GB tensor copied, and summed), beside what each
+   decode path reads a second (the weights of a step, times the steps, over the run's time).
 
 llama-cpp-python is built from source when it is missing, with AMX off (a native build segfaults
 on its first Q8_0 evaluation on a CPU with AMX) and each other instruction set on where the CPU
@@ -138,11 +139,24 @@ def timed(fn) -> float:
 
 def copy_bandwidth() -> float:
     """Bytes a second a 1 GB tensor copy moves on this machine (read and write counted)."""
-    a = torch.empty(2**28, dtype=torch.float32)  # 1 GiB
+    # 1 GiB, written first: pages never written read as zeros without touching memory
+    a = torch.ones(2**28, dtype=torch.float32)
     b = torch.empty_like(a)
     b.copy_(a)
     best = min(timed(lambda: b.copy_(a)) for _ in range(3))
     return 2 * a.numel() * a.element_size() / best
+
+
+def read_bandwidth() -> float:
+    """Bytes a second torch's sum reads from a 1 GB tensor, on the threads set: a decode step's ceiling."""
+    a = torch.ones(2**28, dtype=torch.float32)
+    best = min(timed(a.sum) for _ in range(3))
+    return a.numel() * a.element_size() / best
+
+
+def step_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter but the embedding (one row of it is read)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,16 +176,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     lib = llama_cpp()
-    bandwidth = copy_bandwidth()
+    copy, read = copy_bandwidth(), read_bandwidth()
     print(f"CPU threads {args.threads}, torch {torch.__version__}, llama-cpp-python {lib.__version__}; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+          f"copy bandwidth {copy / 1e9:.1f} GB/s (read and write counted), read {read / 1e9:.1f} GB/s",
+          flush=True)
     for name in args.shapes:
         folder = checkpoint(name, SHAPES[name], args.tokenizer)
         rows = measure(lib, folder, args)
-        ours = p3.Phi3ForCausalLM.from_pretrained(folder)
-        step_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if "embed" not in n)
+        fp32 = step_bytes(p3.Phi3ForCausalLM.from_pretrained(folder))
+        int8 = step_bytes(p3.Phi3ForCausalLM.from_pretrained(folder, quantize="int8"))
+        # llama.cpp's Q8_0 stores 32 weights in 34 bytes (an fp16 scale a block); its norms stay F32
+        read_per_step = {"fp32": fp32, "F32": fp32, "int8": int8, "Q8_0": fp32 * 34 / 128}
         for row in rows:
-            row.update(shape=name, step_gb=round(step_bytes / 1e9, 3))
+            row.update(shape=name, step_gb=round(fp32 / 1e9, 3))
+            kind = next((k for k in read_per_step if k in row["path"]), None)
+            if row["job"] == "decode" and kind:  # the weights' bytes of every step over the run's time
+                row["read_gb_s"] = round(read_per_step[kind] * args.new / row["median_s"] / 1e9, 1)
             print(json.dumps(row), flush=True)
     return 0
 
