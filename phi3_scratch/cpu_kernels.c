@@ -257,18 +257,49 @@ static void quantize_row(const float *x, int64_t k, int8_t *xq, float *xs) {
  * lose 128 * (the sum of the block's xq) again. */
 #define PANEL 16      /* rows of w a panel holds: one int32 lane each */
 #define TILE_ROWS 4   /* rows of x a tile takes at once: 2 panels x 4 rows = 8 independent sums */
-#define GEMM_ROWS 32  /* from this many rows on, the GEMM: below, packing the panels costs more than it saves */
+#define GEMM_ROWS 8   /* from this many rows on, the GEMM: below, packing the panels costs more than it saves */
+
+/* The 16 x 16 transpose of 4-byte steps: r[i] holds steps 0..15 of row i; afterwards r[j] holds
+ * step j of rows 0..15. Three rounds: 4-byte pairs, 8-byte pairs, then 16-byte quarters. */
+static void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) { /* in each 16-byte quarter: rows i, i + 1 interleaved */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* quarter L of r[i + e]: step 4L + e of rows i..i + 3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) { /* quarter L of r[e], r[4 + e], r[8 + e], r[12 + e] -> step 4L + e */
+        __m512i a01 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44), a23 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xEE);
+        __m512i c01 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44), c23 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xEE);
+        t[e] = _mm512_shuffle_i32x4(a01, c01, 0x88), t[4 + e] = _mm512_shuffle_i32x4(a01, c01, 0xDD);
+        t[8 + e] = _mm512_shuffle_i32x4(a23, c23, 0x88), t[12 + e] = _mm512_shuffle_i32x4(a23, c23, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
 
 /* rows (0..16) rows of w, from w, into one panel of kp / 4 steps of 64 bytes: w + 128 as bytes,
- * and 128 (a weight of 0) past row `rows` and input k. */
+ * and 128 (a weight of 0) past row `rows` and input k. 16 steps at a time by a transpose, the
+ * steps left by gathers, the last partial step byte by byte. */
 static void pack_panel(const int8_t *w, int64_t rows, int64_t k, int64_t kp, uint8_t *panel) {
     memset(panel, 0x80, PANEL * kp);
     if (rows <= 0) return;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int64_t q = 0;
+    for (; 4 * q + 64 <= k; q += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i < rows ? _mm512_loadu_si512(w + i * k + 4 * q) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int j = 0; j < 16; j++) _mm512_storeu_si512(panel + 64 * (q + j), _mm512_xor_si512(r[j], flip));
+    }
     const __mmask16 live = (__mmask16)((1u << rows) - 1);
     const __m512i row_starts = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)k));
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    int64_t q = 0;
     for (; 4 * q + 4 <= k; q++) { /* a gather takes 4 bytes of each row */
         __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_starts, w + 4 * q, 1);
         _mm512_storeu_si512(panel + 64 * q, _mm512_xor_si512(v, flip));

@@ -107,12 +107,12 @@ def test_each_branch_of_the_c_file_gives_the_sums_of_the_native_one(tmp_path, br
 
 
 def test_the_int8_gemm_gives_the_sums_of_one_row_at_a_time():
-    """With AVX-512 VNNI, 32 rows of x or more go through the GEMM (w repacked in panels of 16
+    """With AVX-512 VNNI, 8 rows of x or more go through the GEMM (w repacked in panels of 16
     rows, w + 128 as unsigned bytes, corrected): the numbers of the one-row dot products."""
     if not cpu_kernels.int8_gemm():
         pytest.skip("this CPU has no AVX-512 VNNI: prompts keep MKL's fp32 matmul")
     torch.manual_seed(0)
-    for m, n, k in [(32, 32, 64), (37, 50, 203), (256, 64, 3072)]:
+    for m, n, k in [(8, 32, 64), (37, 50, 203), (256, 64, 3072)]:
         x = torch.randn(m, k) * torch.linspace(0.01, 10, k)
         q, scale = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n)
         rows = torch.cat([cpu_kernels.linear_int8(x[i: i + 1], q, scale) for i in range(m)])
