@@ -108,7 +108,8 @@ class CompiledDecoder:
         device = model.lm_head.weight.device
         self.step = compiled_step(device)
         self.warm = False  # True once the first step has run with every guard checked
-        # On the CPU, the one-row fp32 products run on every core (cpu_kernels.py); int8's always do.
+        # On the CPU, the prompt's fp32 products of up to 16 rows run on every core (cpu_kernels.py);
+        # the compiled step enters the same mode itself (cpu_decode_step), int8's kernels need none.
         self.products = cpu_kernels.fast_linear() if device.type == "cpu" and cpu_kernels.available() \
             else contextlib.nullcontext()
 

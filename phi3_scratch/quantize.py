@@ -24,6 +24,8 @@ Compiled (`compile=True`), a decode step's one-row products become reduction ker
 They read the packed matrix and convert each entry as they go.
 A step then reads about a quarter (int8) or a seventh (int4, scales and offsets included) of fp32's bytes.
 Run eagerly, torch converts the whole matrix first: quantization saves memory there, not time.
+On the CPU, int8 runs cpu_kernels.linear_int8 instead, eager or compiled: a decode step, and with
+AVX-512 VNNI a prompt too.
 The embedding stays in the model's dtype (a decode step reads one row of it), and so do the norms.
 A quantized model is saved (`save_pretrained`, saving.py) with its integer weights, scales (and
 offsets) and a "quantization" entry in config.json, and loads back as it was saved.

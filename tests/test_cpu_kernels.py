@@ -135,9 +135,13 @@ def test_fits_takes_a_few_contiguous_fp32_rows_on_the_cpu_and_nothing_else():
         assert cpu_kernels.fits(torch.randn(1, 64, requires_grad=True), w)
 
 
-def test_int8_linear_runs_the_kernel_for_a_decode_step_and_for_a_prompt_where_it_is_faster():
-    """A prompt's product is the int8 GEMM with AVX-512 VNNI; without, the weight-only product
-    on MKL's fp32 matmul (faster there than int8 pairs)."""
+@pytest.mark.parametrize("gemm", [True, False])
+def test_int8_linear_runs_the_kernel_for_a_decode_step_and_for_a_prompt_where_it_is_faster(monkeypatch, gemm):
+    """A prompt's product is the int8 GEMM with AVX-512 VNNI; without (as on this CPU, or made so
+    here), the weight-only product on MKL's fp32 matmul (faster there than int8 pairs)."""
+    if gemm and not cpu_kernels.int8_gemm():
+        pytest.skip("this CPU has no AVX-512 VNNI: prompts keep MKL's fp32 matmul")
+    monkeypatch.setattr(cpu_kernels, "_gemm", gemm)
     torch.manual_seed(0)
     layer = Int8Linear(64, 8)
     layer.set_weight(torch.randn(8, 64))
@@ -145,7 +149,7 @@ def test_int8_linear_runs_the_kernel_for_a_decode_step_and_for_a_prompt_where_it
     one, many = torch.randn(1, 1, 64), torch.randn(40, 64)
     with torch.no_grad():
         assert torch.equal(layer(one), cpu_kernels.linear_int8(one, q, scale))
-        if cpu_kernels.int8_gemm():
+        if gemm:
             assert torch.equal(layer(many), cpu_kernels.linear_int8(many, q, scale))
         else:
             torch.testing.assert_close(layer(many), F.linear(many, q.float()) * scale)  # weight-only
