@@ -1,4 +1,5 @@
-/* The CPU products of a decode step: y = x W^T for a few rows of x, in fp32 and in int8.
+/* The CPU products of a decode step: y = x W^T for a few rows of x, in fp32 and in int8
+ * (and, with AVX-512 VNNI, a prompt's many rows in int8).
  *
  * Why: at batch 1 a decode step is one matrix-vector product per weight matrix, and its speed is
  * the memory bandwidth. torch's one-row product (MKL) leaves the second core idle; here each

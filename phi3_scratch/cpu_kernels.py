@@ -10,7 +10,8 @@ llama.cpp splits each product between the cores; so do these kernels (docs/SPEED
   With AVX-512 VNNI it takes a prompt too (`int8_gemm()`): an int8 GEMM, faster than fp32's.
 - Both are torch ops (torch.ops.phi3_scratch), so that a compiled decode step calls them too.
 - `fast_linear()` routes the model's one-row fp32 products to linear_f32, while it is active.
-  The compiled decode step on the CPU runs inside it (compiled.py); eager code never does.
+  The compiled CPU decode step enters it inside the compiled function, and its prompt runs in it
+  (compiled.py); plain eager decoding never does.
 
 The C file is compiled on first use with the machine's C compiler (`cc`, or $CC), for this CPU,
 into ~/.cache/phi3_scratch (or $PHI3_SCRATCH_CACHE), once per source and CPU.
