@@ -183,17 +183,20 @@ def test_decoding_through_the_int8_kernel_keeps_the_argmax_agreement(corpus_ids,
 
 
 def count_calls() -> dict:
-    """Counts of the kernels' C calls from here on (the ctypes library wrapped, for this test)."""
-    calls = {"f32": 0, "int8": 0}
+    """Counts of the kernels' C calls from here on (the ctypes library wrapped, for this test), and
+    under "modes" how many torch function modes were active at each call."""
+    calls = {"f32": 0, "int8": 0, "modes": []}
     lib = cpu_kernels._lib
 
     class Counting:
         def p3_linear_f32(self, *args):
             calls["f32"] += 1
+            calls["modes"].append(torch._C._len_torch_function_stack())
             return lib.p3_linear_f32(*args)
 
         def p3_linear_int8(self, *args):
             calls["int8"] += 1
+            calls["modes"].append(torch._C._len_torch_function_stack())
             return lib.p3_linear_int8(*args)
 
     cpu_kernels._lib = Counting()  # restore_library puts the real one back
@@ -215,8 +218,12 @@ def test_compiled_decoding_on_the_cpu_runs_the_kernels_and_gives_eager_tokens(qu
     eager = p3.generate(model, prompt, 12, eos_token_id=[])
     calls = count_calls()
     compiled = p3.generate(model, prompt, 12, eos_token_id=[], compile=True)
-    assert calls["int8" if quantize else "f32"] >= 11 * (4 * model.config.num_hidden_layers + 1)
+    steps = 11 * (4 * model.config.num_hidden_layers + 1)  # the decode steps' products
+    assert calls["int8" if quantize else "f32"] >= steps
     assert compiled.tolist() == eager.tolist()
+    # fast_linear is entered inside the compiled step (compiled.cpu_decode_step), not around it:
+    # the steps' products run with no torch function mode, whose Python cost is ~10 us a product
+    assert calls["modes"][-steps:] == [0] * steps
 
 
 def test_without_a_c_compiler_every_product_is_torch_s_saying_why(monkeypatch, tmp_path):
