@@ -77,29 +77,27 @@ static inline __m512 two_scales(const float *xs, int64_t b) {
     return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xs[b]), _mm512_set1_ps(xs[b + 1]));
 }
 
+/* One 64-input step of dot2_int8: rows wa and wb at inputs j..j+63, added into *a and *b. */
+static inline void step2_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t j,
+                              __m512 *a, __m512 *b) {
+    __m512i x = _mm512_loadu_si512(xq + j), ax = _mm512_abs_epi8(x);
+    __mmask64 negative = _mm512_movepi8_mask(x);
+    __m512 s = two_scales(xs, j / QBLOCK);
+    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j), ax, negative)), s, *a);
+    *b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j), ax, negative)), s, *b);
+}
+
 /* out[0], out[1] = the sums over blocks b of xs[b] * (xq . row, over block b), for the rows wa and
- * wb: two rows far apart, as in dot2_f32. Inputs 0..kv, a multiple of 64; 128 a step where it can. */
+ * wb: two rows far apart, as in dot2_f32. Inputs 0..kv, a multiple of 64. */
 static void dot2_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
                       float *out) {
     __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
     int64_t j = 0;
-    for (; j + 128 <= kv; j += 128) { /* four blocks a step: two sums a row in flight */
-        __m512i x0 = _mm512_loadu_si512(xq + j), x1 = _mm512_loadu_si512(xq + j + 64);
-        __m512i ax0 = _mm512_abs_epi8(x0), ax1 = _mm512_abs_epi8(x1);
-        __mmask64 neg0 = _mm512_movepi8_mask(x0), neg1 = _mm512_movepi8_mask(x1);
-        __m512 s0 = two_scales(xs, j / QBLOCK), s1 = two_scales(xs, j / QBLOCK + 2);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j), ax0, neg0)), s0, a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j), ax0, neg0)), s0, a1);
-        b0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j + 64), ax1, neg1)), s1, b0);
-        b1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j + 64), ax1, neg1)), s1, b1);
+    for (; j + 128 <= kv; j += 128) { /* two steps at a time: two sums a row in flight */
+        step2_int8(wa, wb, xq, xs, j, &a0, &a1);
+        step2_int8(wa, wb, xq, xs, j + 64, &b0, &b1);
     }
-    for (; j < kv; j += 64) {
-        __m512i x0 = _mm512_loadu_si512(xq + j), ax0 = _mm512_abs_epi8(x0);
-        __mmask64 neg0 = _mm512_movepi8_mask(x0);
-        __m512 s0 = two_scales(xs, j / QBLOCK);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wa + j), ax0, neg0)), s0, a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_blocks(_mm512_loadu_si512(wb + j), ax0, neg0)), s0, a1);
-    }
+    for (; j < kv; j += 64) step2_int8(wa, wb, xq, xs, j, &a0, &a1);
     out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
 }
 #define INT8_STEP 64
@@ -134,28 +132,26 @@ static inline __m256i dot_block(__m256i w, __m256i x, __m256i ax) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
 }
 
+/* One 32-input step (a block) of dot2_int8: rows wa and wb at inputs j..j+31, added into *a and *b. */
+static inline void step2_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t j,
+                              __m256 *a, __m256 *b) {
+    __m256i x = _mm256_loadu_si256((const __m256i *)(xq + j)), ax = _mm256_sign_epi8(x, x);
+    __m256 s = _mm256_broadcast_ss(xs + j / QBLOCK);
+    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j)), x, ax)), s, *a);
+    *b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j)), x, ax)), s, *b);
+}
+
 /* out[0], out[1] = the sums over blocks b of xs[b] * (xq . row, over block b), for the rows wa and
- * wb: two rows far apart, as in dot2_f32. Inputs 0..kv, a multiple of 32; 64 a step where it can. */
+ * wb: two rows far apart, as in dot2_f32. Inputs 0..kv, a multiple of 32. */
 static void dot2_int8(const int8_t *wa, const int8_t *wb, const int8_t *xq, const float *xs, int64_t kv,
                       float *out) {
     __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
     int64_t j = 0;
-    for (; j + 64 <= kv; j += 64) { /* two blocks a step: two sums a row in flight */
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j));
-        __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + j + 32));
-        __m256i ax0 = _mm256_sign_epi8(x0, x0), ax1 = _mm256_sign_epi8(x1, x1);
-        __m256 s0 = _mm256_broadcast_ss(xs + j / QBLOCK), s1 = _mm256_broadcast_ss(xs + j / QBLOCK + 1);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j)), x0, ax0)), s0, a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j)), x0, ax0)), s0, a1);
-        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j + 32)), x1, ax1)), s1, b0);
-        b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j + 32)), x1, ax1)), s1, b1);
+    for (; j + 64 <= kv; j += 64) { /* two steps at a time: two sums a row in flight */
+        step2_int8(wa, wb, xq, xs, j, &a0, &a1);
+        step2_int8(wa, wb, xq, xs, j + 32, &b0, &b1);
     }
-    for (; j < kv; j += QBLOCK) {
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + j)), ax0 = _mm256_sign_epi8(x0, x0);
-        __m256 s0 = _mm256_broadcast_ss(xs + j / QBLOCK);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wa + j)), x0, ax0)), s0, a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(_mm256_loadu_si256((const __m256i *)(wb + j)), x0, ax0)), s0, a1);
-    }
+    for (; j < kv; j += QBLOCK) step2_int8(wa, wb, xq, xs, j, &a0, &a1);
     out[0] = hsum(_mm256_add_ps(a0, b0)), out[1] = hsum(_mm256_add_ps(a1, b1));
 }
 #define INT8_STEP QBLOCK
