@@ -137,8 +137,8 @@ def test_fits_takes_a_few_contiguous_fp32_rows_on_the_cpu_and_nothing_else():
 
 @pytest.mark.parametrize("gemm", [True, False])
 def test_int8_linear_runs_the_kernel_for_a_decode_step_and_for_a_prompt_where_it_is_faster(monkeypatch, gemm):
-    """A prompt's product is the int8 GEMM with AVX-512 VNNI; without (as on this CPU, or made so
-    here), the weight-only product on MKL's fp32 matmul (faster there than int8 pairs)."""
+    """A prompt's product is the int8 GEMM with AVX-512 VNNI; without it (a CPU without VNNI, or
+    made so here), the weight-only product on MKL's fp32 matmul (faster there than int8 pairs)."""
     if gemm and not cpu_kernels.int8_gemm():
         pytest.skip("this CPU has no AVX-512 VNNI: prompts keep MKL's fp32 matmul")
     monkeypatch.setattr(cpu_kernels, "_gemm", gemm)
